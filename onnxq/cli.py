@@ -1,0 +1,138 @@
+"""`onnxq` command line: export, quantize, eval, inspect."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .errors import OnnxqError
+from .recipe import ALGORITHMS, QuantRecipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ONNX post-training weight quantization.")
+console = Console(stderr=True)
+
+
+def _guarded(fn):
+    """Turn OnnxqError and Ctrl-C into a one-line message and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxqError as err:
+            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            console.print("[red]interrupted:[/red] no output file was written")
+            raise typer.Exit(130)
+
+    return run
+
+
+@app.command()
+@_guarded
+def export(
+    model: str = typer.Argument(..., help="registry name (smollm2) or Hugging Face folder"),
+    with_past: bool = typer.Option(False, help="export with KV-cache inputs (text-generation-with-past)"),
+) -> None:
+    """Export a model to ONNX (cached) and print the path."""
+    from .models.export import export_onnx
+
+    print(export_onnx(model, with_past=with_past))
+
+
+@app.command()
+@_guarded
+def quantize(
+    model: str = typer.Argument(..., help=".onnx file, Hugging Face folder, or registry name (smollm2)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output .onnx path"),
+    algo: str = typer.Option("gptq", help=f"solver: {', '.join(ALGORITHMS)}"),
+    bits: int = typer.Option(4, help="2, 3, 4 or 8"),
+    group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
+    sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
+    format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
+    grid: str = typer.Option("mse", help="scale search: minmax, mse or hessian"),
+    calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
+    calib_windows: int = typer.Option(32, help="number of calibration windows"),
+    calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
+    act_order: bool = typer.Option(False, help="GPTQ act-order (static groups keep the layout)"),
+    refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
+    damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
+    exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy_level (4 = int8 activations on CPU)"),
+    device: str = typer.Option("cpu", help="torch device for solvers: cpu or cuda"),
+    ep: str = typer.Option("cpu", help="ORT execution provider for calibration"),
+    seed: int = typer.Option(0, help="seed for calibration window sampling"),
+    eval: bool = typer.Option(False, "--eval", help="evaluate float vs quantized afterwards and print the table"),
+    report: Optional[Path] = typer.Option(None, help="write the report as <report>.json and <report>.md"),
+) -> None:
+    """Quantize the linear layers of a model and write MatMulNBits or QDQ."""
+    from .pipeline import quantize as run_quantize
+
+    recipe = QuantRecipe(
+        algo=algo, bits=bits, group_size=group, sym=sym, format=format, grid=grid, damp=damp, act_order=act_order,
+        refine_scales=refine_scales, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device,
+    ).validate()
+    qrep = run_quantize(model, recipe, output, calib=calib, ep=ep)
+    console.print(
+        f"wrote {qrep.output}: {qrep.layers} layers, {qrep.calib_tokens} calibration tokens, "
+        f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
+        f"peak RSS {qrep.peak_rss_mb:.0f} MiB"
+    )
+    if eval or report:
+        from .report import evaluate
+
+        erep = evaluate(qrep.model, qrep.output, ep=ep)
+        erep.quantize = {k: v for k, v in qrep.to_dict().items() if k != "layer_losses"}
+        print(erep.markdown())
+        if report:
+            erep.save(report)
+
+
+@app.command("eval")
+@_guarded
+def eval_cmd(
+    float_model: str = typer.Argument(..., help="float model (.onnx, HF folder or registry name)"),
+    quant_model: Optional[Path] = typer.Argument(None, help="quantized .onnx to compare"),
+    text: str = typer.Option("sotu-eval", help="evaluation text: sotu-eval, a .txt file or a folder"),
+    tokens: int = typer.Option(4096, help="evaluate the first N tokens"),
+    seq_len: int = typer.Option(512, help="window length (non-overlapping)"),
+    ep: str = typer.Option("cpu", help="ORT execution provider"),
+    report: Optional[Path] = typer.Option(None, help="write <report>.json and <report>.md"),
+) -> None:
+    """Perplexity, size and output error of a float model and (optionally) its quantized version."""
+    from .report import evaluate
+
+    rep = evaluate(float_model, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
+    print(rep.markdown())
+    if report:
+        rep.save(report)
+
+
+@app.command()
+@_guarded
+def inspect(
+    model: Path = typer.Argument(..., help=".onnx file"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Summarize a model: linear layers, decoder blocks, quantized formats and provenance."""
+    from .inspect import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        from .inspect import render
+
+        render(info, Console())
+
+
+def main() -> None:
+    """Entry point for `python -m onnxq`."""
+    app(sys.argv[1:])

@@ -1,0 +1,194 @@
+"""The quantize job: load → normalize → block-wise calibration on ORT → solve → rewrite → save."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from tqdm import tqdm
+
+from . import __version__
+from .analysis import LinearLayer, linear_layers, partition
+from .errors import OnnxqError
+from .recipe import QuantRecipe
+from .solve import solve_layer
+from .stats import Covariance
+
+
+@dataclass
+class QuantReport:
+    """What a quantize run did and what it cost."""
+
+    model: str
+    output: str
+    recipe: dict
+    layers: int
+    calib_tokens: int
+    calib_seconds: float
+    solve_seconds: float
+    total_seconds: float
+    peak_rss_mb: float
+    layer_losses: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def select_layers(model: onnx.ModelProto, recipe: QuantRecipe) -> list[LinearLayer]:
+    """Linear layers to quantize: every MatMul with a constant weight, minus `recipe.exclude` patterns."""
+    pats = [re.compile(p) for p in recipe.exclude]
+    chosen = [
+        l for l in linear_layers(model) if not any(p.search(l.node) or p.search(l.role) for p in pats)
+    ]
+    if not chosen:
+        raise OnnxqError("no quantizable MatMul with a constant weight found: check the model or relax --exclude")
+    return chosen
+
+
+def quantize(
+    model: str | Path,
+    recipe: QuantRecipe,
+    output: str | Path,
+    *,
+    calib: str = "sotu-calib",
+    ep: str = "cpu",
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize `model` (a .onnx file, HF folder or registry name) with `recipe`; write `output` atomically."""
+    from .io import load_model, save_model_atomic
+    from .models.export import load_tokenizer, resolve_model
+    from .passes.metadata import add_provenance
+    from .passes.normalize import normalize
+    from .runtime.calibrate import BlockRunner
+    from .textdata import load_text, token_windows
+
+    recipe.validate()
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+    path = resolve_model(str(model))
+    output = Path(output)
+    if output.resolve() == Path(path).resolve():
+        raise OnnxqError(f"output {output} is the input model: choose another -o path")
+    proto = normalize(load_model(path))
+    layers = select_layers(proto, recipe)
+    text = load_text(calib)
+    windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed, random=True)
+    weights = {t.name: t for t in proto.graph.initializer}
+    for l in layers:
+        if l.weight not in weights:
+            raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
+
+    in_blocks = [l for l in layers if l.block is not None]
+    runner = BlockRunner(proto, partition(proto), ep=ep)
+    batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
+    need_fp = recipe.algo == "turboboa" and recipe.error_correction
+    envs = runner.start(batches)
+    envs_fp = [dict(e) for e in envs] if need_fp else None
+    results, losses = {}, {}
+    calib_s = solve_s = 0.0
+    n_blocks = len(runner.blocks)
+    bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
+    for b in bar:
+        todo = [l for l in in_blocks if l.block == b]
+        tc = time.perf_counter()
+        stats = _collect(runner, b, todo, envs, envs_fp, recipe)
+        calib_s += time.perf_counter() - tc
+        ts = time.perf_counter()
+        fake = {}
+        for l in todo:
+            bar.set_postfix_str(l.role)
+            W = torch.from_numpy(numpy_helper.to_array(weights[l.weight]).astype(np.float32)).T.contiguous()
+            res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
+            results[l.node] = res
+            losses[l.node] = loss
+            fake[l.weight] = res.qweight.T.cpu().numpy()
+        solve_s += time.perf_counter() - ts
+        tc = time.perf_counter()
+        for _ in runner.run(b, envs, weights=fake):
+            pass  # advance the quantized stream through the now-quantized block
+        calib_s += time.perf_counter() - tc
+    for l in layers:
+        if l.block is None:  # outside decoder blocks (e.g. an included lm_head): data-free RTN
+            W = torch.from_numpy(numpy_helper.to_array(weights[l.weight]).astype(np.float32)).T.contiguous()
+            results[l.node], losses[l.node] = solve_layer(l, W, None, recipe)
+    out = _rewrite(proto, layers, results, recipe)
+    info = {
+        "version": __version__,
+        "algorithm": recipe.algo,
+        "bits": recipe.bits,
+        "group_size": recipe.group_size,
+        "sym": recipe.sym,
+        "format": recipe.format,
+        "grid": recipe.grid,
+        "damp": recipe.damp,
+        "act_order": recipe.act_order,
+        "refine_scales": recipe.refine_scales,
+        "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
+        "source": Path(path).name,
+    }
+    add_provenance(out, info)
+    save_model_atomic(out, output)
+    return QuantReport(
+        model=str(path),
+        output=str(output),
+        recipe=recipe.to_dict(),
+        layers=len(results),
+        calib_tokens=int(windows.size),
+        calib_seconds=round(calib_s, 2),
+        solve_seconds=round(solve_s, 2),
+        total_seconds=round(time.perf_counter() - t0, 2),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+        layer_losses=losses,
+    )
+
+
+def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, recipe: QuantRecipe) -> dict[str, Covariance]:
+    """Run block `b` (float weights) on the quantized stream and accumulate input covariances per layer input.
+
+    With a float stream, the block also runs on it (and advances it) to accumulate dXXᵀ.
+    """
+    inputs = list(dict.fromkeys(l.input for l in todo))
+    dims = {l.input: l.k for l in todo}
+    stats = {n: Covariance(dims[n], device=recipe.device, residual=envs_fp is not None) for n in inputs}
+    q_iter = runner.run(b, envs, capture=inputs, advance=False)
+    f_iter = runner.run(b, envs_fp, capture=inputs, advance=True) if envs_fp is not None else None
+    for cap in q_iter:
+        cap_fp = next(f_iter) if f_iter is not None else {}
+        for n in inputs:
+            stats[n].add(cap[n], cap_fp.get(n))
+    if f_iter is not None:
+        for _ in f_iter:
+            pass
+    return stats
+
+
+def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:
+    """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul."""
+    from .passes.rewrite import QuantizedWeight, to_matmulnbits, to_qdq
+
+    qw = {}
+    for l in layers:
+        r = results[l.node]
+        qw[l.node] = QuantizedWeight(
+            codes=r.codes.cpu().numpy(),
+            scales=r.scales.float().cpu().numpy(),
+            zeros=None if r.sym else r.zeros.cpu().numpy(),
+            bits=r.bits,
+            group_size=r.group_size,
+        )
+    if recipe.format == "nbits":
+        return to_matmulnbits(proto, qw, accuracy_level=recipe.accuracy_level)
+    return to_qdq(proto, qw)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

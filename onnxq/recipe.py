@@ -1,0 +1,64 @@
+"""Quantization recipe: what to quantize and how, validated up front."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import OnnxqError
+
+ALGORITHMS = ("rtn", "gptq", "boa", "turboboa")
+FORMATS = ("nbits", "qdq")
+BITS = (2, 3, 4, 8)
+GRIDS = ("minmax", "mse", "hessian")
+
+
+@dataclass
+class QuantRecipe:
+    """Every knob of one quantization run; `validate()` rejects bad combinations with a one-line error."""
+
+    algo: str = "gptq"
+    bits: int = 4
+    group_size: int = 128  # -1 = per output channel
+    sym: bool = False
+    format: str = "nbits"
+    grid: str = "mse"
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128  # GPTQ lazy-batch width (columns)
+    rows_per_block: int = 16  # TurboBoA N
+    alpha: float = 0.25  # TurboBoA / GPTAQ residual weight
+    error_correction: bool = True  # TurboBoA F2 (second, float stream)
+    refine_scales: bool = False  # two-stage group-scale optimisation (gso)
+    calib_windows: int = 32
+    calib_seq_len: int = 512
+    accuracy_level: int = 4
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> "QuantRecipe":
+        """Raise OnnxqError on an unsupported setting; return self."""
+        if self.algo not in ALGORITHMS:
+            raise OnnxqError(f"unknown algorithm {self.algo!r}: use one of {', '.join(ALGORITHMS)}")
+        if self.bits not in BITS:
+            raise OnnxqError(f"bits={self.bits} is not supported: use one of 2, 3, 4, 8")
+        if self.group_size != -1 and (self.group_size < 16 or self.group_size & (self.group_size - 1)):
+            raise OnnxqError(
+                f"group size {self.group_size} is invalid: use a power of two >= 16 (e.g. 32, 64, 128) or -1 for per-channel"
+            )
+        if self.format not in FORMATS:
+            raise OnnxqError(f"unknown format {self.format!r}: use 'nbits' (MatMulNBits) or 'qdq' (DequantizeLinear)")
+        if self.grid not in GRIDS:
+            raise OnnxqError(f"unknown grid search {self.grid!r}: use one of {', '.join(GRIDS)}")
+        if not 0.0 < self.damp < 1.0:
+            raise OnnxqError(f"damping {self.damp} is out of range: use a value in (0, 1), e.g. 0.01")
+        if self.calib_windows < 1 or self.calib_seq_len < 8:
+            raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
+        if self.rows_per_block < 1:
+            raise OnnxqError("rows per block must be >= 1")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain dict for metadata and reports."""
+        return asdict(self)

@@ -1,0 +1,100 @@
+"""The eval job: float vs quantized perplexity, output error, size and latency, as JSON and Markdown."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelScore:
+    """One model's measured numbers."""
+
+    path: str
+    ppl: float
+    size_mb: float
+    eval_seconds: float
+
+
+@dataclass
+class EvalReport:
+    """Float vs quantized comparison on the same text and windows."""
+
+    text: str
+    tokens: int
+    seq_len: int
+    ep: str
+    float: ModelScore | None
+    quant: ModelScore | None
+    output_error: dict = field(default_factory=dict)
+    quantize: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def markdown(self) -> str:
+        """A small table: model, PPL, size, eval time."""
+        rows = ["| model | PPL | size (MB) | eval time (s) |", "|---|---:|---:|---:|"]
+        for tag, s in (("float", self.float), ("quantized", self.quant)):
+            if s is not None:
+                rows.append(f"| {tag} `{Path(s.path).name}` | {s.ppl:.3f} | {s.size_mb:.1f} | {s.eval_seconds:.1f} |")
+        head = (
+            f"Perplexity on `{self.text}`: {self.tokens} tokens in non-overlapping {self.seq_len}-token windows, "
+            f"ONNX Runtime {self.ep.upper()} EP."
+        )
+        extra = []
+        if self.output_error:
+            e = self.output_error
+            extra.append(
+                "Output error (quantized vs float logits): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in e.items() if isinstance(v, (int, float)))
+            )
+        if self.quantize:
+            q = self.quantize
+            extra.append(
+                f"Quantization: {q.get('total_seconds')} s total ({q.get('calib_seconds')} s calibration, "
+                f"{q.get('solve_seconds')} s solve), peak RSS {q.get('peak_rss_mb')} MiB, {q.get('calib_tokens')} calibration tokens."
+            )
+        return "\n".join([head, "", *rows, "", *extra]) + "\n"
+
+    def save(self, stem: str | Path) -> tuple[Path, Path]:
+        """Write `<stem>.json` and `<stem>.md`."""
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
+        js.write_text(json.dumps(self.to_dict(), indent=2))
+        md.write_text(self.markdown())
+        return js, md
+
+
+def evaluate(
+    float_model: str | Path | None,
+    quant_model: str | Path | None = None,
+    *,
+    text: str = "sotu-eval",
+    tokens: int = 4096,
+    seq_len: int = 512,
+    ep: str = "cpu",
+    tokenizer_from: str | Path | None = None,
+) -> EvalReport:
+    """Score the float and/or quantized model on the first `tokens` tokens of `text` (same windows for both)."""
+    from .models.export import load_tokenizer, resolve_model
+    from .runtime.evaluate import file_size, output_error, perplexity
+    from .textdata import load_text, token_windows
+
+    fpath = resolve_model(str(float_model)) if float_model else None
+    qpath = Path(quant_model) if quant_model else None
+    tok = load_tokenizer(Path(tokenizer_from) if tokenizer_from else (fpath or qpath))
+    windows = token_windows(tok, load_text(text), seq_len, max(tokens // seq_len, 1))
+
+    def score(p: Path) -> ModelScore:
+        t = time.perf_counter()
+        ppl = perplexity(p, windows, ep=ep)
+        return ModelScore(str(p), float(ppl), file_size(p) / 2**20, round(time.perf_counter() - t, 2))
+
+    f = score(Path(fpath)) if fpath else None
+    q = score(qpath) if qpath else None
+    err = output_error(fpath, qpath, windows[:1], ep=ep) if fpath and qpath else {}
+    return EvalReport(str(text), int(windows.size), seq_len, ep, f, q, err)

@@ -1,0 +1,75 @@
+"""Block-wise calibration on ONNX Runtime: run the stem once, then one decoder block at a time."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.analysis import Partition
+from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
+
+from .session import make_session, model_feeds
+
+Env = dict[str, np.ndarray]
+
+
+class BlockRunner:
+    """Streams calibration batches through the stem and then block by block, holding only live tensors."""
+
+    def __init__(self, model: onnx.ModelProto, part: Partition, *, ep: str = "cpu", threads: int | None = None):
+        self.model = model
+        self.ep = ep
+        self.threads = threads
+        self.types = tensor_types(model)
+        self.stem, self.blocks = split_model(model, part)
+
+    def start(self, batches: list[np.ndarray]) -> list[Env]:
+        """Run the stem on each token batch [B, T]; returns one environment of live tensors per batch."""
+        probe = make_session(self._piece(self.stem, inputs=[i.name for i in self.model.graph.input]), self.ep, threads=self.threads)
+        envs = []
+        for ids in batches:
+            feeds = model_feeds(probe, ids)
+            outs = probe.run(self.stem.outputs, feeds)
+            env = dict(zip(self.stem.outputs, outs))
+            env.update(feeds)
+            envs.append(env)
+        return envs
+
+    def run(
+        self,
+        index: int,
+        envs: list[Env],
+        *,
+        capture: list[str] = (),
+        weights: dict[str, np.ndarray] | None = None,
+        advance: bool = True,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Run block `index` on every environment, yielding the captured tensors per batch.
+
+        With `advance`, each environment is updated in place with the block's outputs (the next block's
+        inputs); tensors no later piece reads are dropped. `weights` overrides initializers by name.
+        """
+        sub = self.blocks[index]
+        protos = {k: numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in (weights or {}).items()}
+        session = make_session(self._piece(sub, extra=list(capture), weights=protos), self.ep, threads=self.threads)
+        names = list(dict.fromkeys(sub.outputs + list(capture)))
+        keep = self._live_after(index)
+        for env in envs:
+            outs = dict(zip(names, session.run(names, {k: env[k] for k in sub.inputs})))
+            yield {k: outs[k] for k in capture}
+            if advance:
+                env.update({k: outs[k] for k in sub.outputs})
+                for k in [k for k in env if k not in keep]:
+                    del env[k]
+
+    def _live_after(self, index: int) -> set[str]:
+        """Tensors read by any block after `index` (the head is not run during calibration)."""
+        live: set[str] = set()
+        for sub in self.blocks[index + 1 :]:
+            live.update(sub.inputs)
+        return live
+
+    def _piece(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None, weights=None) -> onnx.ModelProto:
+        return build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)

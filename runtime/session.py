@@ -1,0 +1,75 @@
+"""ONNX Runtime sessions: execution providers, session creation and model feeds."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.errors import OnnxqError
+
+# short name → (providers in priority order, the pip package whose build has the first one)
+PROVIDERS = {
+    "cpu": (["CPUExecutionProvider"], "onnxruntime"),
+    "cuda": (["CUDAExecutionProvider", "CPUExecutionProvider"], "onnxruntime-gpu"),
+    "tensorrt": (["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], "onnxruntime-gpu"),
+    "dml": (["DmlExecutionProvider", "CPUExecutionProvider"], "onnxruntime-directml"),
+    "openvino": (["OpenVINOExecutionProvider", "CPUExecutionProvider"], "onnxruntime-openvino"),
+    "coreml": (["CoreMLExecutionProvider", "CPUExecutionProvider"], "onnxruntime (macOS build)"),
+}
+_NUMPY = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+          "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(bool)": np.bool_}
+_PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize more; larger models go through a temp file
+
+
+def providers_for(ep: str) -> list[str]:
+    """ORT provider list for a short name ("cpu", "cuda", ...); fails if this onnxruntime build lacks it."""
+    if ep not in PROVIDERS:
+        raise OnnxqError(f"unknown execution provider '{ep}': use one of {', '.join(PROVIDERS)}")
+    providers, package = PROVIDERS[ep]
+    if providers[0] not in ort.get_available_providers():
+        raise OnnxqError(f"execution provider '{ep}' ({providers[0]}) is not in this onnxruntime build "
+                         f"(has {', '.join(ort.get_available_providers())}): install {package}")
+    return providers
+
+
+def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, threads: int | None = None,
+                 disabled_optimizers: list[str] | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `ep` for a model file or an in-memory ModelProto."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    kwargs = {"providers": providers_for(ep), "disabled_optimizers": disabled_optimizers or None}
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() < _PROTO_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(f"{tmp}/model.onnx", options, **kwargs)
+    if not Path(model).is_file():
+        raise OnnxqError(f"model file '{model}' not found: give an existing .onnx file")
+    return ort.InferenceSession(str(model), options, **kwargs)
+
+
+def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a fresh decoder run: input_ids, all-ones attention_mask, arange position_ids, empty past."""
+    batch, seq = input_ids.shape
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = _NUMPY.get(arg.type)
+        if arg.name == "input_ids":
+            feeds[arg.name] = input_ids.astype(dtype)
+        elif arg.name == "attention_mask":
+            feeds[arg.name] = np.ones((batch, seq), dtype=dtype)
+        elif arg.name == "position_ids":
+            feeds[arg.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
+        elif arg.name.startswith("past_key_values"):
+            shape = [batch] + [d if isinstance(d, int) else 0 for d in arg.shape[1:]]
+            feeds[arg.name] = np.zeros(shape, dtype=dtype)
+        else:
+            raise OnnxqError(f"model input '{arg.name}' ({arg.type}) is not one onnxq can feed: "
+                             "export the model with optimum task text-generation")
+    return feeds
