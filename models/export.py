@@ -29,6 +29,7 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; it becomes `final` only if the body completes."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         yield tmp
         if final.is_dir() and not any(final.iterdir()):

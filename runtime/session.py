@@ -20,7 +20,7 @@ PROVIDERS = {
     "coreml": (["CoreMLExecutionProvider", "CPUExecutionProvider"], "onnxruntime (macOS build)"),
 }
 _NUMPY = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-          "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32, "tensor(bool)": np.bool_}
+          "tensor(float16)": np.float16}
 _PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize more; larger models go through a temp file
 
 
@@ -37,12 +37,12 @@ def providers_for(ep: str) -> list[str]:
 
 def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, threads: int | None = None,
                  disabled_optimizers: list[str] | None = None) -> ort.InferenceSession:
-    """An InferenceSession on `ep` for a model file or an in-memory ModelProto."""
+    """An InferenceSession on `ep` for a model file or an in-memory ModelProto (with its weights loaded)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    kwargs = {"providers": providers_for(ep), "disabled_optimizers": disabled_optimizers or None}
+    kwargs = {"providers": providers_for(ep), "disabled_optimizers": disabled_optimizers}
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() < _PROTO_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
@@ -60,6 +60,8 @@ def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[st
     feeds = {}
     for arg in session.get_inputs():
         dtype = _NUMPY.get(arg.type)
+        if dtype is None:
+            raise OnnxqError(f"model input '{arg.name}' has type {arg.type}, which onnxq cannot feed")
         if arg.name == "input_ids":
             feeds[arg.name] = input_ids.astype(dtype)
         elif arg.name == "attention_mask":

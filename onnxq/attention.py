@@ -1,0 +1,270 @@
+"""Attention analysis: per decoder block, the Q/K/V/O projections, heads, RoPE, causal mask, or a fused op."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import onnx
+from onnx import helper
+
+from .analysis import LinearLayer, block_index, linear_layers
+
+FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
+_DATA_ONLY = {"Reshape", "Expand", "Slice", "Unsqueeze", "Squeeze", "Tile", "Pad", "Gather", "Split"}
+_CAUSAL_HINTS = {"Trilu", "Range", "LessOrEqual", "Less", "Greater", "GreaterOrEqual", "CumSum"}
+
+
+@dataclass
+class AttentionBlock:
+    """One attention subgraph: which linear layers play Q/K/V/O and the tensors the solvers capture."""
+
+    block: int | None
+    kind: str  # "unfused" or the fused com.microsoft op type
+    q: str | None
+    k: str | None
+    v: str | None
+    o: str | None
+    fused_qkv: str | None
+    n_heads: int | None
+    n_kv_heads: int | None
+    head_dim: int | None
+    causal: bool | None
+    rope: str | None  # "rotate_half", "RotaryEmbedding", "fused" or None
+    q_tensor: str | None = None  # query entering QKᵀ (post-RoPE), [B, H, T, d]
+    k_tensor: str | None = None  # key entering QKᵀ (post-RoPE, transposed), [B, H, d, T]
+    probs: str | None = None  # softmax output [B, H, T, T]
+    v_input: str | None = None  # activation entering the V projection [B, T, d_model]
+    cos: str | None = None
+    sin: str | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+class _Graph:
+    """Producer/consumer lookups over one graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.nodes = list(model.graph.node)
+        self.inits = {t.name for t in model.graph.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+
+    def is_const(self, t: str) -> bool:
+        p = self.producer.get(t)
+        return t in self.inits or (p is not None and p.op_type == "Constant")
+
+    def upstream(self, tensor: str, stop, limit: int = 60) -> list[onnx.NodeProto]:
+        """Nearest nodes above `tensor` for which `stop(node)` holds (breadth-first, through non-constant inputs)."""
+        found, seen, queue = [], set(), deque([tensor])
+        while queue and len(seen) < limit * 8:
+            t = queue.popleft()
+            n = self.producer.get(t)
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if stop(n):
+                found.append(n)
+                continue
+            if n.op_type == "Shape":
+                continue  # shape arithmetic is not data flow
+            ins = n.input[:1] if n.op_type in _DATA_ONLY else n.input
+            queue.extend(i for i in ins if i and not self.is_const(i))
+        return found
+
+    def downstream(self, tensor: str, stop, limit: int = 60) -> list[onnx.NodeProto]:
+        """Nearest nodes below `tensor` for which `stop(node)` holds."""
+        found, seen, queue = [], set(), deque([tensor])
+        while queue and len(seen) < limit:
+            t = queue.popleft()
+            for n in self.consumers.get(t, []):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if stop(n):
+                    found.append(n)
+                    continue
+                queue.extend(o for o in n.output if o)
+        return found
+
+    def ancestors_ops(self, tensor: str, limit: int = 400) -> set[str]:
+        """Op types among the ancestors of `tensor`."""
+        ops, seen, queue = set(), set(), deque([tensor])
+        while queue and len(seen) < limit:
+            n = self.producer.get(queue.popleft())
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            ops.add(n.op_type)
+            queue.extend(i for i in n.input if i)
+        return ops
+
+
+def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
+    """Every attention subgraph of the model, in graph order (unfused softmax attention and fused ops)."""
+    g = _Graph(model)
+    layers = {l.node: l for l in linear_layers(model)}
+    by_output = {}
+    for n in g.nodes:
+        if (n.name or n.output[0]) in layers:
+            by_output[n.output[0]] = layers[n.name or n.output[0]]
+    is_linear = lambda n: n.output[0] in by_output  # noqa: E731
+    head_dims = _static_last_dims(model)
+    found = []
+    for n in g.nodes:
+        if n.op_type == "Softmax" and n.domain in ("", "ai.onnx"):
+            blk = _unfused(g, n, by_output, is_linear, head_dims)
+            if blk is not None:
+                found.append(blk)
+        elif n.domain == "com.microsoft" and n.op_type in FUSED_OPS:
+            found.append(_fused(g, n, by_output, is_linear))
+    return found
+
+
+def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims) -> AttentionBlock | None:
+    qk = g.upstream(softmax.input[0], lambda n: n.op_type == "MatMul" and not any(g.is_const(i) for i in n.input))
+    pv = g.downstream(softmax.output[0], lambda n: n.op_type == "MatMul")
+    if len(qk) != 1 or len(pv) != 1:
+        return None
+    qk, pv = qk[0], pv[0]
+    probs_in = 0 if g.upstream(pv.input[0], lambda n: n is softmax) or pv.input[0] == softmax.output[0] else 1
+    v_side = pv.input[1 - probs_in]
+    q_lin = [by_output[n.output[0]] for n in g.upstream(qk.input[0], is_linear)]
+    k_lin = [by_output[n.output[0]] for n in g.upstream(qk.input[1], is_linear)]
+    v_lin = [by_output[n.output[0]] for n in g.upstream(v_side, is_linear)]
+    o_lin = [by_output[n.output[0]] for n in g.downstream(pv.output[0], is_linear)]
+    if not (len(q_lin) == len(k_lin) == len(v_lin) == 1):
+        return None
+    q, k, v = q_lin[0], k_lin[0], v_lin[0]
+    fused = q.node if q.node == k.node == v.node else None
+    mask_ops = g.ancestors_ops(softmax.input[0]) - g.ancestors_ops(qk.output[0])
+    causal = bool(mask_ops & _CAUSAL_HINTS)
+    q_tensor, k_tensor = _strip_scale(g, qk.input[0]), _strip_scale(g, qk.input[1])
+    rope, cos, sin = _rope(g, q_tensor)
+    d = head_dims.get(qk.input[0])
+    n_heads = n_kv = None
+    if d and not fused:
+        n_heads, n_kv = q.n // d, k.n // d
+    elif d and fused:
+        n_heads = n_kv = q.n // (3 * d)
+    return AttentionBlock(
+        block_index(softmax.name) if softmax.name else q.block, "unfused",
+        None if fused else q.node, None if fused else k.node, None if fused else v.node,
+        o_lin[0].node if len(o_lin) == 1 else None, fused, n_heads, n_kv, d, causal, rope,
+        qk.input[0], qk.input[1], _probs_tensor(g, softmax, pv, probs_in), v.input, cos, sin,
+    )
+
+
+def _strip_scale(g: _Graph, tensor: str) -> str:
+    """The tensor before a constant Mul/Div (attention scaling), else itself."""
+    p = g.producer.get(tensor)
+    if p is not None and p.op_type in ("Mul", "Div") and any(g.is_const(i) for i in p.input):
+        return next(i for i in p.input if not g.is_const(i))
+    return tensor
+
+
+def _probs_tensor(g: _Graph, softmax, pv, probs_in: int) -> str:
+    """The probabilities entering P·V (after any NaN guard), falling back to the softmax output."""
+    return pv.input[probs_in] if g.producer.get(pv.input[probs_in]) is not None else softmax.output[0]
+
+
+def _rope(g: _Graph, q_tensor: str) -> tuple[str | None, str | None, str | None]:
+    """Detect rotate-half RoPE `x·cos + rotate_half(x)·sin` (or a RotaryEmbedding op) producing q_tensor."""
+    p = g.producer.get(q_tensor)
+    if p is None:
+        return None, None, None
+    if p.op_type == "RotaryEmbedding":
+        return "RotaryEmbedding", p.input[2] if len(p.input) > 2 else None, p.input[3] if len(p.input) > 3 else None
+    if p.op_type != "Add":
+        return None, None, None
+    muls = [g.producer.get(i) for i in p.input]
+    if len(muls) != 2 or any(m is None or m.op_type != "Mul" for m in muls):
+        return None, None, None
+    cos = sin = None
+    for m in muls:
+        srcs = [g.producer.get(i) for i in m.input]
+        rotated = [i for i, s in zip(m.input, srcs) if s is not None and s.op_type == "Concat" and _has_neg(g, s)]
+        other = [i for i in m.input if i not in rotated]
+        if rotated and other:
+            sin = other[0]
+        elif len(other) == 2:
+            cos = other[1] if _is_trig(g, other[1]) else other[0]
+    if cos and sin:
+        return "rotate_half", cos, sin
+    return None, None, None
+
+
+def _has_neg(g: _Graph, concat) -> bool:
+    return any((p := g.producer.get(i)) is not None and p.op_type == "Neg" for i in concat.input)
+
+
+def _is_trig(g: _Graph, t: str) -> bool:
+    return bool({"Cos", "Sin"} & g.ancestors_ops(t, limit=40))
+
+
+def _fused(g: _Graph, node: onnx.NodeProto, by_output, is_linear) -> AttentionBlock:
+    """A com.microsoft fused attention op: roles from its inputs, heads from its attributes."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n_heads = attrs.get("num_heads")
+    n_kv = attrs.get("kv_num_heads", n_heads)
+    lin = lambda i: [by_output[n.output[0]] for n in g.upstream(node.input[i], is_linear)] if len(node.input) > i and node.input[i] else []  # noqa: E731
+    o = [by_output[n.output[0]] for n in g.downstream(node.output[0], is_linear)]
+    q = k = v = fused = None
+    if node.op_type == "Attention":  # QKV weights are an input of the op itself
+        fused = node.name
+        q_in = lin(0)
+        v_input = node.input[0]
+    else:
+        ql, kl, vl = lin(0), lin(1), lin(2)
+        q, k, v = (x[0].node if len(x) == 1 else None for x in (ql, kl, vl))
+        if q and q == k == v:
+            fused, q, k, v = q, None, None, None
+        v_input = (vl or ql)[0].input if (vl or ql) else None
+        q_in = ql
+    hidden = q_in[0].n if q_in and node.op_type != "Attention" else None
+    d = (hidden // n_heads) if hidden and n_heads and not fused else None
+    causal = node.op_type == "GroupQueryAttention" or bool(attrs.get("unidirectional", 0))
+    rope = "fused" if attrs.get("do_rotary", 0) else None
+    return AttentionBlock(
+        block_index(node.name), node.op_type, q, k, v, o[0].node if len(o) == 1 else None, fused,
+        n_heads, n_kv, d, causal, rope, node.input[0], node.input[1] if len(node.input) > 1 else None,
+        None, v_input,
+    )
+
+
+def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Statically known last dimension of every value (shape inference with data propagation, no weights)."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.initializer[:]
+    for t in model.graph.initializer:
+        stripped.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(stripped, data_prop=True)
+    except Exception:  # shape inference is best effort: heads then come from captured shapes
+        return {}
+    out = {}
+    for v in inferred.graph.value_info:
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[v.name] = dims[-1].dim_value
+    return out
+
+
+def layers_by_role(model: onnx.ModelProto) -> dict[str, str]:
+    """Linear layer node name -> attention role ('q', 'k', 'v', 'o', 'qkv') from the attention analysis."""
+    roles = {}
+    for a in attention_blocks(model):
+        for role in ("q", "k", "v", "o"):
+            if getattr(a, role):
+                roles[getattr(a, role)] = role
+        if a.fused_qkv:
+            roles[a.fused_qkv] = "qkv"
+    return roles
+
+
+__all__ = ["AttentionBlock", "attention_blocks", "layers_by_role", "LinearLayer"]
