@@ -16,7 +16,9 @@ from . import __version__
 from .analysis import LinearLayer, linear_layers, partition
 from .errors import OnnxqError
 from .recipe import QuantRecipe
-from .solve import solve_layer
+from .attention import attention_blocks
+from .attention_stats import AttentionStats
+from .solve import BlockStats, solve_layer
 from .stats import Covariance
 
 
@@ -88,6 +90,11 @@ def quantize(
     runner = BlockRunner(proto, partition(proto), ep=ep)
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
+    attn_by_block: dict[int, list] = {}
+    if recipe.algo in ("boa", "turboboa"):
+        for a in attention_blocks(proto):
+            if a.kind == "unfused" and a.n_heads and a.block is not None:
+                attn_by_block.setdefault(a.block, []).append(a)
     envs = runner.start(batches)
     envs_fp = [dict(e) for e in envs] if need_fp else None
     results, losses = {}, {}
@@ -97,7 +104,7 @@ def quantize(
     for b in bar:
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
-        stats = _collect(runner, b, todo, envs, envs_fp, recipe)
+        stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe)
         calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
         fake = {}
@@ -148,20 +155,31 @@ def quantize(
     )
 
 
-def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, recipe: QuantRecipe) -> dict[str, Covariance]:
-    """Run block `b` (float weights) on the quantized stream and accumulate input covariances per layer input.
+def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe) -> BlockStats:
+    """Run block `b` (float weights) on the quantized stream; accumulate input covariances and attention statistics.
 
-    With a float stream, the block also runs on it (and advances it) to accumulate dXXᵀ.
+    With a float stream, the block also runs on it (and advances it) to accumulate the residual terms dXXᵀ.
     """
-    inputs = list(dict.fromkeys(l.input for l in todo))
+    stats = BlockStats()
     dims = {l.input: l.k for l in todo}
-    stats = {n: Covariance(dims[n], device=recipe.device, residual=envs_fp is not None) for n in inputs}
-    q_iter = runner.run(b, envs, capture=inputs, advance=False)
-    f_iter = runner.run(b, envs_fp, capture=inputs, advance=True) if envs_fp is not None else None
+    residual = envs_fp is not None
+    stats.cov = {n: Covariance(d, device=recipe.device, residual=residual) for n, d in dims.items()}
+    todo_names = {l.node for l in todo}
+    for a in attn:
+        acc = AttentionStats(a, device=recipe.device, residual=residual)
+        for role in ("q", "k", "v"):
+            if getattr(a, role) in todo_names:
+                stats.attention[getattr(a, role)] = (role, acc)
+    accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
+    capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()]))
+    q_iter = runner.run(b, envs, capture=capture, advance=False)
+    f_iter = runner.run(b, envs_fp, capture=capture, advance=True) if residual else None
     for cap in q_iter:
         cap_fp = next(f_iter) if f_iter is not None else {}
-        for n in inputs:
-            stats[n].add(cap[n], cap_fp.get(n))
+        for n, cov in stats.cov.items():
+            cov.add(cap[n], cap_fp.get(n))
+        for acc in accs:
+            acc.add(cap, cap_fp or None)
     if f_iter is not None:
         for _ in f_iter:
             pass

@@ -1,33 +1,72 @@
 """Choose and run the solver for one linear layer from the recipe and the captured statistics."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .analysis import LinearLayer
+from .attention_stats import AttentionStats
 from .recipe import QuantRecipe
-from .solvers import QuantResult, QuantSpec, layer_loss, refine_group_scales, solve_gptq, solve_rtn
+from .solvers import (
+    QuantResult, QuantSpec, layer_loss, refine_group_scales, solve_boa, solve_gptq, solve_rtn, solve_turboboa,
+)
 from .stats import Covariance
 
 
-def solve_layer(
-    layer: LinearLayer, W: torch.Tensor, stats: dict[str, Covariance] | None, recipe: QuantRecipe
-) -> tuple[QuantResult, float]:
-    """Quantize W[d_out, d_in] of `layer`; returns the result and its layer loss tr(ΔW H ΔWᵀ) (nan without H)."""
+@dataclass
+class BlockStats:
+    """Everything captured for one decoder block: input covariances per tensor and attention statistics per layer."""
+
+    cov: dict[str, Covariance] = field(default_factory=dict)
+    attention: dict[str, tuple[str, AttentionStats]] = field(default_factory=dict)  # layer node -> (role, stats)
+
+
+def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
+    """Quantize W[d_out, d_in] of `layer`; returns the result and its layer loss tr(ΔW H ΔWᵀ) (nan without data)."""
     spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym)
-    cov = stats.get(layer.input) if stats else None
+    cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
-        res = solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid)
-        return res, float("nan")
+        return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")
     H = cov.hessian().to(W.device)
     dXXt = cov.residual()
+    dXXt = None if dXXt is None else dXXt.to(W.device)
+    role, att = stats.attention.get(layer.node, (None, None))
     if recipe.algo == "rtn":
         res = solve_rtn(W, spec, grid=recipe.grid, H=H)
+    elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
+        res = _gptq(W, H, spec, recipe, grid=recipe.grid if recipe.algo == "gptq" else "hessian")
+    elif role in ("q", "k"):
+        h_q, h_k = att.row_hessians()
+        H_out = (h_q if role == "q" else h_k).to(W.device)
+        heads = att.attn.n_heads if role == "q" else att.attn.n_kv_heads
+        if recipe.algo == "boa":
+            res = solve_boa(W, H, H_out, spec, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order)
+        else:
+            res = solve_turboboa(
+                W, H, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
+                dXXt=dXXt, alpha=recipe.alpha, refine=True, act_order=recipe.act_order,
+            )
     else:
-        res = solve_gptq(
-            W, H, spec,
-            damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order,
-            static_groups=recipe.act_order or recipe.refine_scales, grid=recipe.grid,
+        H_in, d_in = H, dXXt
+        heads = 1
+        if role == "v" and att is not None:
+            hv, dv = att.value_hessian()
+            if hv is not None:
+                H_in, d_in, heads = hv.to(W.device), (None if dv is None else dv.to(W.device)), att.attn.n_kv_heads
+        turbo = recipe.algo == "turboboa"
+        res = solve_turboboa(
+            W, H_in, None, spec, n_heads=heads, damp=recipe.damp, dXXt=d_in if turbo else None, alpha=recipe.alpha,
+            refine=turbo, act_order=recipe.act_order,
         )
     if recipe.refine_scales:
-        res = refine_group_scales(W, H, res)
+        res = refine_group_scales(W, H, res, dXXt=dXXt if recipe.algo == "turboboa" else None, alpha=recipe.alpha)
     return res, float(layer_loss(W, res.qweight, H))
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, recipe: QuantRecipe, *, grid: str) -> QuantResult:
+    """GPTQ with the recipe's knobs; static groups when act-order or stage-1 grids need them."""
+    return solve_gptq(
+        W, H, spec, damp=recipe.damp, block_size=recipe.block_size, act_order=recipe.act_order,
+        static_groups=recipe.act_order or recipe.refine_scales, grid="hessian" if recipe.refine_scales else grid,
+    )

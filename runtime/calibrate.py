@@ -53,11 +53,14 @@ class BlockRunner:
         """
         sub = self.blocks[index]
         protos = {k: numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in (weights or {}).items()}
-        session = make_session(self._piece(sub, extra=list(capture), weights=protos), self.ep, threads=self.threads)
-        names = list(dict.fromkeys(sub.outputs + list(capture)))
+        extra = [c for c in capture if c not in sub.inputs]
+        session = make_session(self._piece(sub, extra=extra, weights=protos), self.ep, threads=self.threads)
+        names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
         keep = self._live_after(index)
         for env in envs:
-            outs = dict(zip(names, session.run(names, {k: env[k] for k in sub.inputs})))
+            feeds = {k: env[k] for k in sub.inputs}
+            outs = dict(zip(names, session.run(names, feeds)))
+            outs.update({k: feeds[k] for k in capture if k in feeds})
             yield {k: outs[k] for k in capture}
             if advance:
                 env.update({k: outs[k] for k in sub.outputs})
