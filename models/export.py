@@ -5,6 +5,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -100,7 +101,8 @@ def export_onnx(source: str | Path, out_dir: str | Path | None = None, *, with_p
     from optimum.exporters.onnx import main_export
 
     task = "text-generation-with-past" if with_past else "text-generation"
-    with _atomic_dir(out) as tmp:
+    with _atomic_dir(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch tracer chatter about shapes; the result is checked by perplexity
         try:
             main_export(str(folder), output=tmp, task=task, local_files_only=True, do_validation=False)
         except Exception as err:  # optimum raises many types; the user needs one line

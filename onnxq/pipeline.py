@@ -61,8 +61,12 @@ def quantize(
     calib: str = "sotu-calib",
     ep: str = "cpu",
     progress: bool = True,
+    windows: np.ndarray | None = None,
 ) -> QuantReport:
-    """Quantize `model` (a .onnx file, HF folder or registry name) with `recipe`; write `output` atomically."""
+    """Quantize `model` (a .onnx file, HF folder or registry name) with `recipe`; write `output` atomically.
+
+    `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
+    """
     from .io import load_model, save_model_atomic
     from .models.export import load_tokenizer, resolve_model
     from .passes.metadata import add_provenance
@@ -79,8 +83,11 @@ def quantize(
         raise OnnxqError(f"output {output} is the input model: choose another -o path")
     proto = normalize(load_model(path))
     layers = select_layers(proto, recipe)
-    text = load_text(calib)
-    windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed, random=True)
+    if windows is None:
+        text = load_text(calib)
+        windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed, random=True)
+    elif windows.ndim != 2 or windows.size == 0:
+        raise OnnxqError("calibration windows must be a non-empty [n, seq_len] array of token ids")
     weights = {t.name: t for t in proto.graph.initializer}
     for l in layers:
         if l.weight not in weights:

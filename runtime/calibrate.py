@@ -56,7 +56,7 @@ class BlockRunner:
         extra = [c for c in capture if c not in sub.inputs]
         session = make_session(self._piece(sub, extra=extra, weights=protos), self.ep, threads=self.threads)
         names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
-        keep = self._live_after(index)
+        keep = self._live_after(index) | set(sub.outputs)
         for env in envs:
             feeds = {k: env[k] for k in sub.inputs}
             outs = dict(zip(names, session.run(names, feeds)))

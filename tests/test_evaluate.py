@@ -1,0 +1,106 @@
+"""Sessions, feeds, perplexity against torch, output error and file size on a tiny random Llama."""
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from models.export import export_onnx
+from onnxq.errors import OnnxqError
+from runtime.evaluate import file_size, output_error, perplexity
+from runtime.session import make_session, model_feeds, providers_for
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer GQA Llama with peaked logits, its HF folder and its ONNX exports with and without past."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "hf")
+    return model, export_onnx(root / "hf", root / "onnx"), export_onnx(root / "hf", root / "past", with_past=True)
+
+
+@pytest.fixture
+def windows():
+    return np.random.default_rng(0).integers(0, VOCAB, (3, 24), dtype=np.int64)
+
+
+def torch_perplexity(model, windows: np.ndarray) -> float:
+    """Reference: each row a fresh sequence, tokens 1..L-1 predicted, NLL pooled over rows."""
+    ids = torch.from_numpy(windows)
+    with torch.no_grad():
+        logits = model(ids).logits.double()
+    return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
+
+
+def test_perplexity_matches_torch(tiny, windows):
+    model, path, past_path = tiny
+    ref = torch_perplexity(model, windows)
+    assert perplexity(path, windows) == pytest.approx(ref, rel=1e-4)
+    assert perplexity(past_path, windows) == pytest.approx(ref, rel=1e-4)  # empty past fed correctly
+    assert perplexity(path, windows[:1]) == pytest.approx(torch_perplexity(model, windows[:1]), rel=1e-4)
+
+
+def test_feeds_for_a_with_past_model(tiny):
+    session = make_session(tiny[2])
+    feeds = model_feeds(session, np.array([[5, 6, 7]]))
+    np.testing.assert_array_equal(feeds["position_ids"], [[0, 1, 2]])
+    np.testing.assert_array_equal(feeds["attention_mask"], [[1, 1, 1]])
+    past = {k: v.shape for k, v in feeds.items() if k.startswith("past_key_values")}
+    assert len(past) == 4 and set(past.values()) == {(1, 2, 0, 16)}  # 2 layers × key/value, 2 KV heads, head_dim 16
+
+
+def test_output_error_of_a_model_with_itself_is_zero(tiny, windows):
+    err = output_error(tiny[1], tiny[1], windows)
+    assert err == {"rel_l2": 0.0, "max_abs": 0.0, "top1_agreement": 1.0, "tokens": windows.size}
+
+
+def test_output_error_sees_a_perturbed_weight(tiny, windows):
+    proto = onnx.load(str(tiny[1]))
+    inits = {i.name: i for i in proto.graph.initializer}
+    init = next(inits[n.input[1]] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    err = output_error(tiny[1], proto, windows)
+    assert err["rel_l2"] > 1e-3 and err["max_abs"] > 0 and err["top1_agreement"] <= 1.0
+    assert perplexity(proto, windows) != pytest.approx(perplexity(tiny[1], windows), rel=1e-4)
+
+
+def test_bad_windows_are_rejected(tiny):
+    with pytest.raises(OnnxqError):
+        perplexity(tiny[1], np.zeros((0, 8), dtype=np.int64))
+    with pytest.raises(OnnxqError):
+        perplexity(tiny[1], np.zeros((2, 1), dtype=np.int64))
+
+
+def test_providers():
+    assert providers_for("cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(OnnxqError, match="unknown execution provider"):
+        providers_for("tpu")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(OnnxqError, match="onnxruntime-gpu"):
+            providers_for("cuda")
+
+
+def test_make_session_missing_file(tmp_path):
+    with pytest.raises(OnnxqError, match="not found"):
+        make_session(tmp_path / "nope.onnx")
+
+
+def test_file_size_counts_external_data(tiny, tmp_path):
+    assert file_size(tiny[1]) == tiny[1].stat().st_size
+    proto = onnx.load(str(tiny[1]))
+    onnx.save_model(proto, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.onnx.data",
+                    size_threshold=0)
+    graph_only = (tmp_path / "ext.onnx").stat().st_size
+    assert file_size(tmp_path / "ext.onnx") == graph_only + (tmp_path / "ext.onnx.data").stat().st_size
+    assert graph_only < tiny[1].stat().st_size / 2  # the weights really moved out
