@@ -138,7 +138,9 @@ def _vocab_size(model_path: Path) -> int | None:
 def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     """Tokenizer saved beside the .onnx file, else that of the registry model with the same vocabulary size."""
     path = Path(model_path)
-    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = path / "model.onnx"
+    folder = path.parent
     _offline()
     from transformers import AutoTokenizer
 

@@ -39,7 +39,7 @@ def perplexity(model: Model, windows: np.ndarray, ep: str = "cpu") -> float:
     session = make_session(model, ep)
     total, count = 0.0, 0
     for window in windows:
-        logits = _logits(session, window[None])[0, 1:].astype(np.float64)
+        logits = _logits(session, window[None])[0, :-1].astype(np.float64)
         peak = logits.max(axis=-1)
         lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
         total += float((lse - logits[np.arange(len(logits)), window[1:]]).sum())

@@ -9,10 +9,10 @@ import torch
 from onnx import numpy_helper
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from models.export import export_onnx
 from onnxq.errors import OnnxqError
-from runtime.evaluate import file_size, output_error, perplexity
-from runtime.session import make_session, model_feeds, providers_for
+from onnxq.models.export import export_onnx
+from onnxq.runtime.evaluate import file_size, output_error, perplexity
+from onnxq.runtime.session import make_session, model_feeds, providers_for
 
 VOCAB = 256
 

@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models import registry
-from models.export import export_onnx, load_tokenizer, resolve_model
 from onnxq.errors import OnnxqError
+from onnxq.models import registry
+from onnxq.models.export import export_onnx, load_tokenizer, resolve_model
 
 
 @pytest.fixture(autouse=True)
@@ -132,8 +132,8 @@ def test_load_tokenizer_beside_the_model(hf_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_exports_with_30_layers_and_finite_perplexity(monkeypatch):
+    from onnxq.runtime.evaluate import perplexity
     from onnxq.textdata import load_text, token_windows
-    from runtime.evaluate import perplexity
 
     monkeypatch.delenv("ONNXQ_CACHE")  # reuse the user's cache: the export takes about a minute
     path = resolve_model("smollm2")

@@ -1,0 +1,15 @@
+"""Pure-torch weight quantization solvers: grids, the shared OBS engine, RTN, GPTQ/GPTAQ, BoA, TurboBoA, gso."""
+from .boa import solve_boa
+from .engine import obs_quantize
+from .grid import QuantResult, QuantSpec, find_grid, hessian_weighted_grid, minmax_grid, mse_grid
+from .gptq import solve_gptq
+from .gso import refine_group_scales, solve_gso
+from .hessian import derotate_average, factor, gqa_average, gqa_replicate, layer_loss
+from .rtn import solve_rtn
+from .turboboa import solve_turboboa
+
+__all__ = [
+    "QuantResult", "QuantSpec", "derotate_average", "factor", "find_grid", "gqa_average", "gqa_replicate",
+    "hessian_weighted_grid", "layer_loss", "minmax_grid", "mse_grid", "obs_quantize", "refine_group_scales",
+    "solve_boa", "solve_gptq", "solve_gso", "solve_rtn", "solve_turboboa",
+]

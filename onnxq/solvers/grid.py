@@ -1,0 +1,145 @@
+"""Uniform quantizer, result types and grid (scale / zero) searches: min-max, GPTQ MSE, Hessian-weighted (spec §1.1-1.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from onnxq.errors import OnnxqError
+
+GRIDS = ("minmax", "mse", "hessian")
+
+
+@dataclass
+class QuantSpec:
+    """Bit width, group size along d_in (-1 = per output channel) and symmetric / asymmetric grid."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8 or self.group_size == 0 or self.group_size < -1:
+            raise OnnxqError(f"invalid quantization spec bits={self.bits} group_size={self.group_size}: use 1-8 bits, group size -1 or >= 1")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def width(self, n: int) -> int:
+        """Columns per group for a weight with n columns."""
+        return n if self.group_size == -1 else min(self.group_size, n)
+
+
+@dataclass
+class QuantResult:
+    """A quantized weight: qweight == (codes - zeros[:, g]) * scales[:, g] in float32, g = column // group_size."""
+
+    qweight: Tensor  # [d_out, d_in] float32
+    codes: Tensor  # [d_out, d_in] int32 in [0, 2^bits - 1]
+    scales: Tensor  # [d_out, n_groups] float32
+    zeros: Tensor  # [d_out, n_groups] int32
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def group_index(n: int, spec: QuantSpec, device: torch.device | None = None) -> Tensor:
+    """Group of every column: [n] long."""
+    return torch.arange(n, device=device) // spec.width(n)
+
+
+def make_result(codes: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> QuantResult:
+    """Pack codes [r, n] and group grids [r, G] into a QuantResult, qweight recomputed in float32."""
+    codes, scales, zeros = codes.to(torch.int32), scales.float(), zeros.round().to(torch.int32)
+    g = group_index(codes.shape[-1], spec, codes.device)
+    qweight = (codes - zeros[:, g]).float() * scales[:, g]
+    return QuantResult(qweight, codes, scales, zeros, spec.bits, spec.group_size, spec.sym)
+
+
+def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """q = s * (clamp(round(w/s) + z, 0, maxq) - z); returns (q, codes as float)."""
+    code = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return scale * (code - zero), code
+
+
+def _grouped(W: Tensor, gs: int) -> Tensor:
+    """[..., r, n] -> [..., r, G, gs], zero-padded (zeros never move min/max and quantize to 0)."""
+    n = W.shape[-1]
+    return F.pad(W, (0, -n % gs)).unflatten(-1, (-1, gs))
+
+
+def _hessian_blocks(H: Tensor, gs: int) -> Tensor:
+    """Diagonal gs x gs blocks of H [..., n, n] -> [..., G, gs, gs], zero-padded."""
+    m = -H.shape[-1] % gs
+    Hp = F.pad(H, (0, m, 0, m)).unflatten(-1, (-1, gs)).unflatten(-3, (-1, gs))  # [..., G, gs, G, gs]
+    return Hp.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _ranges(Wg: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
+    """Per (row, group) range containing 0; symmetric ranges are [-max|w|, max|w|]; all-zero groups get [-1, 1]."""
+    lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    dead = (lo == 0) & (hi == 0)
+    return lo.masked_fill(dead, -1.0), hi.masked_fill(dead, 1.0)
+
+
+def _candidate(lo: Tensor, hi: Tensor, p: float, spec: QuantSpec, rnd=torch.round) -> tuple[Tensor, Tensor]:
+    """Scale and zero for the range shrunk by p; the zero is rounded with `rnd` (asymmetric only)."""
+    s = p * (hi - lo) / spec.maxq
+    z = torch.full_like(s, 2 ** (spec.bits - 1)) if spec.sym else rnd(-p * lo / s)
+    return s, z
+
+
+def _search(W: Tensor, spec: QuantSpec, cands, score) -> tuple[Tensor, Tensor]:
+    """Keep, per (row, group), the first candidate (scale, zero) with the lowest score(delta)."""
+    Wg = _grouped(W, spec.width(W.shape[-1]))
+    lo, hi = _ranges(Wg, spec.sym)
+    best = S = Z = None
+    for p, rnd in cands:
+        s, z = _candidate(lo, hi, p, spec, rnd)
+        err = score(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
+        if best is None:
+            best, S, Z = err, s, z
+            continue
+        better = err < best
+        best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
+    return S, Z
+
+
+def minmax_grid(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Min-max grid of W [..., r, n]: (scale, zero) [..., r, G]."""
+    return _search(W, spec, [(1.0, torch.round)], lambda d: d.new_zeros(d.shape[:-1]))
+
+
+def mse_grid(W: Tensor, spec: QuantSpec, *, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
+    """GPTQ's MSE search: shrink p = 1 - i/grid for i < maxshrink*grid, score sum |delta|^norm."""
+    cands = [(1 - i / grid, torch.round) for i in range(int(maxshrink * grid))]
+    return _search(W, spec, cands, lambda d: d.abs().pow(norm).sum(-1))
+
+
+def hessian_weighted_grid(W: Tensor, H: Tensor, spec: QuantSpec, *, n_shrink: int = 100) -> tuple[Tensor, Tensor]:
+    """BoA / gso stage-1 search: p = 1 - k/100 (k < n_shrink), floor and ceil zero, score delta^T H[g,g] delta.
+
+    W [..., r, n], H [..., n, n] (leading dims broadcast with W's); returns (scale, zero) [..., r, G]."""
+    Hb = _hessian_blocks(H.to(W), spec.width(W.shape[-1]))
+    rnds = [None] if spec.sym else [torch.floor, torch.ceil]
+    cands = [(1 - k / 100, r) for k in range(n_shrink) for r in rnds]
+    return _search(W, spec, cands, lambda d: (torch.einsum("...rgi,...gij->...rgj", d, Hb) * d).sum(-1))
+
+
+def find_grid(W: Tensor, spec: QuantSpec, kind: str = "minmax", H: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Dispatch on the grid kind: 'minmax', 'mse' (GPTQ) or 'hessian' (needs H)."""
+    if kind == "minmax":
+        return minmax_grid(W, spec)
+    if kind == "mse":
+        return mse_grid(W, spec)
+    if kind == "hessian":
+        if H is None:
+            raise OnnxqError("the 'hessian' grid needs a Hessian: use grid 'minmax' or 'mse' for RTN without calibration")
+        return hessian_weighted_grid(W, H, spec)
+    raise OnnxqError(f"unknown grid search {kind!r}: use one of {', '.join(GRIDS)}")

@@ -1,0 +1,213 @@
+"""Write quantized weights into the graph: MatMul -> com.microsoft::MatMulNBits, or DequantizeLinear -> MatMul (QDQ)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, defs, helper, numpy_helper, version_converter
+
+from onnxq.errors import OnnxqError
+from onnxq.io import restore_weights, strip_weights
+from onnxq.packing import pack_nbits, pack_subbyte
+
+from .normalize import Names, remove_unused, renamed
+
+MS_DOMAIN = "com.microsoft"
+NBITS_MAX_BLOCK_2BIT = 256  # ORT 1.32 CPU refuses 2-bit MatMulNBits with larger blocks
+PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the channel's scale is repeated per block)
+_QDQ_TYPES = {2: (TensorProto.INT2, TensorProto.UINT2), 4: (TensorProto.INT4, TensorProto.UINT4), 8: (TensorProto.INT8, TensorProto.UINT8)}
+_MEANING_CHANGED = {"Softmax", "LogSoftmax", "Hardmax", "GroupNormalization"}  # same signature, new semantics
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer weights of one MatMul, rows = output channels (the ONNX initializer [K, N] transposed)."""
+
+    codes: np.ndarray  # [N, K] ints in [0, 2^bits - 1]
+    scales: np.ndarray  # [N, G] float32, G = ceil(K / group_size) (1 for per-channel)
+    zeros: np.ndarray | None  # [N, G] ints; None = symmetric, zero 2^(bits-1)
+    bits: int  # 2, 3, 4 or 8 (3 is stored in 4-bit containers)
+    group_size: int  # -1 = per channel
+
+
+def to_matmulnbits(
+    model: onnx.ModelProto, weights: dict[str, QuantizedWeight], *, accuracy_level: int = 4
+) -> onnx.ModelProto:
+    """Replace each named MatMul by MatMulNBits (same name and output), in place; returns `model`.
+
+    3-bit codes use bits=4 containers (symmetric ones shifted by +4, so the implicit zero point 8 still applies).
+    Groups become blocks; per-channel weights use blocks of PER_CHANNEL_BLOCK (or the next power of two >= K, >= 16,
+    when smaller) with the channel's scale repeated, so K is padded by less than one block and 2-bit stays within
+    ORT's 256 limit.
+    """
+    names = Names(model.graph)
+    for node, weight, qw in _targets(model.graph, weights):
+        k, n = weight.dims
+        bits = 4 if qw.bits == 3 else qw.bits
+        block = _nbits_block(qw, k, node.name)
+        codes = qw.codes if qw.zeros is not None else qw.codes + (1 << (bits - 1)) - (1 << (qw.bits - 1))
+        blob, scales, zp = pack_nbits(codes, qw.scales, qw.zeros, bits, block)
+        dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
+        inputs = [node.input[0], _add(model, names, f"{node.name}.B", blob), _add(model, names, f"{node.name}.scales", scales.astype(dtype))]
+        if zp is not None:
+            inputs.append(_add(model, names, f"{node.name}.zero_points", zp))
+        node.CopyFrom(helper.make_node(
+            "MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
+            K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,
+        ))
+    remove_unused(model.graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
+
+
+def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.ModelProto:
+    """Feed each named MatMul from DequantizeLinear(integer weight [K, N]), in place; returns `model`.
+
+    Asymmetric: uint2/uint4/uint8 codes and zero points; symmetric: int codes - 2^(bits-1), no zero point (3-bit in
+    int4/uint4). Groups are blocks along K (axis=0, block_size=group_size); per-channel is per-axis (axis=1).
+    Needs opset 21 (opset 25 when any weight is 2-bit), raised as `_raise_opset` describes.
+    """
+    targets = list(_targets(model.graph, weights))
+    _raise_opset(model, 25 if any(qw.bits == 2 for *_, qw in targets) else 21)
+    names = Names(model.graph)
+    dq_for = {}
+    for node, weight, qw in targets:
+        signed, unsigned = _QDQ_TYPES[4 if qw.bits == 3 else qw.bits]
+        dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
+        values = qw.codes.T if qw.zeros is not None else qw.codes.T.astype(np.int64) - (1 << (qw.bits - 1))
+        per_channel = qw.group_size == -1
+        scales = (qw.scales[:, 0] if per_channel else qw.scales.T).astype(dtype)
+        q_type = unsigned if qw.zeros is not None else signed
+        inputs = [
+            _add(model, names, f"{node.name}.weight_q", _int_tensor(values, q_type)),
+            _add(model, names, f"{node.name}.weight_scale", scales),
+        ]
+        if qw.zeros is not None:
+            zeros = qw.zeros[:, 0] if per_channel else qw.zeros.T
+            inputs.append(_add(model, names, f"{node.name}.weight_zero_point", _int_tensor(zeros, q_type)))
+        attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": qw.group_size}
+        out = names.unique(f"{node.name}.weight_dq")
+        dq_for[node.name] = helper.make_node(
+            "DequantizeLinear", inputs, [out], name=names.unique(renamed(node.name, "DequantizeLinear", "MatMul")), **attrs
+        )
+        node.input[1] = out
+    nodes = [x for node in model.graph.node for x in ([dq_for[node.name]] if node.name in dq_for else []) + [node]]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    remove_unused(model.graph)
+    return model
+
+
+def _targets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> Iterator[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:
+    """(MatMul node, its weight initializer [K, N], quantized weight) per entry, checked against each other."""
+    nodes = {n.name: n for n in graph.node}
+    inits = {t.name: t for t in graph.initializer}
+    checked = []
+    for name, qw in weights.items():
+        node = nodes.get(name)
+        if node is None or node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
+            raise OnnxqError(f"{name!r} is not a MatMul with a constant 2-D weight in this model: normalize it first or check the name")
+        weight = inits[node.input[1]]
+        _check(qw, *weight.dims, name)
+        checked.append((node, weight, qw))
+    yield from checked
+
+
+def _check(qw: QuantizedWeight, k: int, n: int, name: str) -> None:
+    """Raise OnnxqError when `qw` does not fit a weight [K, N] or holds out-of-range codes."""
+    groups = 1 if qw.group_size == -1 else -(-k // max(qw.group_size, 1))
+    problem = (
+        f"bits={qw.bits} (use 2, 3, 4 or 8)" if qw.bits not in (2, 3, 4, 8)
+        else f"group_size={qw.group_size} (use -1 or a positive size)" if qw.group_size == 0 or qw.group_size < -1
+        else f"codes shape {qw.codes.shape}, expected [N, K] = {(n, k)}" if qw.codes.shape != (n, k)
+        else f"scales shape {qw.scales.shape}, expected {(n, groups)}" if qw.scales.shape != (n, groups)
+        else f"zeros shape {qw.zeros.shape}, expected {(n, groups)}" if qw.zeros is not None and qw.zeros.shape != (n, groups)
+        else f"codes/zeros outside [0, {(1 << qw.bits) - 1}]" if any(
+            a.min() < 0 or a.max() >= 1 << qw.bits for a in (qw.codes, qw.zeros) if a is not None and a.size
+        )
+        else None
+    )
+    if problem:
+        raise OnnxqError(f"quantized weight for {name!r} is invalid: {problem}")
+
+
+def _nbits_block(qw: QuantizedWeight, k: int, name: str) -> int:
+    if qw.group_size == -1:
+        return min(PER_CHANNEL_BLOCK, max(16, 1 << (k - 1).bit_length()))
+    if qw.group_size < 16 or qw.group_size & (qw.group_size - 1):
+        raise OnnxqError(f"{name!r}: MatMulNBits needs a power-of-two group size >= 16, got {qw.group_size}: use 32, 64 or 128")
+    if qw.bits == 2 and qw.group_size > NBITS_MAX_BLOCK_2BIT:
+        raise OnnxqError(f"{name!r}: 2-bit MatMulNBits blocks are limited to {NBITS_MAX_BLOCK_2BIT} by ONNX Runtime: use a smaller group size")
+    return qw.group_size
+
+
+def _int_tensor(values: np.ndarray, data_type: int) -> TensorProto:
+    """An integer initializer (int8/uint8 via numpy, 2/4-bit packed two's-complement) with the given values."""
+    if data_type in (TensorProto.INT8, TensorProto.UINT8):
+        return numpy_helper.from_array(values.astype(helper.tensor_dtype_to_np_dtype(data_type)))
+    bits = 4 if data_type in (TensorProto.INT4, TensorProto.UINT4) else 2
+    return helper.make_tensor("", data_type, values.shape, pack_subbyte(values, bits), raw=True)
+
+
+def _add(model: onnx.ModelProto, names: Names, name: str, value: np.ndarray | TensorProto) -> str:
+    """Append an initializer under a fresh name derived from `name`; return that name."""
+    tensor = value if isinstance(value, TensorProto) else numpy_helper.from_array(np.ascontiguousarray(value))
+    tensor.name = names.unique(name)
+    model.graph.initializer.append(tensor)
+    return tensor.name
+
+
+def _raise_opset(model: onnx.ModelProto, target: int) -> None:
+    """Raise the default-domain opset import to `target` (nothing to do if already there) and the IR version with it.
+
+    When every default-domain op in the graph keeps its inputs, outputs and attribute defaults from the model's
+    opset to `target` (true for transformer exports at opset 14-18 going to 21/25: the newer versions of Cast,
+    Reshape, Shape, Pad, Squeeze, ... only add types or optional attributes), only the import number is raised.
+    Otherwise (a signature change such as ReduceMean's axes input at 18, or a same-signature change of meaning:
+    Softmax family at 13, GroupNormalization at 21) `onnx.version_converter` rewrites the graph, weights detached.
+    """
+    entry = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if entry.version < target:
+        ops = {n.op_type for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+        if all(_same_meaning(op, entry.version, target) for op in ops):
+            entry.version = target
+        else:
+            payloads = strip_weights(model)
+            try:
+                model.CopyFrom(version_converter.convert_version(model, target))
+            except (RuntimeError, ValueError, onnx.checker.ValidationError) as err:
+                raise OnnxqError(f"cannot convert the model to opset {target} for QDQ ({err}): use --format nbits") from None
+            finally:
+                restore_weights(model, payloads)
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True))
+
+
+def _same_meaning(op: str, old: int, new: int) -> bool:
+    """Whether nodes of `op` valid at opset `old` mean the same at `new` (only types/optional parts were added)."""
+    try:
+        a, b = defs.get_schema(op, old), defs.get_schema(op, new)
+    except defs.SchemaError:
+        return False
+    if a.since_version == b.since_version:
+        return True
+    params = lambda ps: [(p.name, p.option) for p in ps]  # noqa: E731
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    return (
+        op not in _MEANING_CHANGED
+        and params(b.inputs)[: len(a.inputs)] == params(a.inputs)
+        and all(p.option == optional for p in b.inputs[len(a.inputs):])
+        and params(b.outputs) == params(a.outputs)
+        and all(key in b.attributes and b.attributes[key].default_value == attr.default_value for key, attr in a.attributes.items())
+        and not any(attr.required for key, attr in b.attributes.items() if key not in a.attributes)
+    )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _all_nodes(sub)

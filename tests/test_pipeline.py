@@ -1,0 +1,89 @@
+"""End-to-end quantize on a tiny Llama built in code, and the CLI's handling of bad input."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from onnxq import QuantRecipe
+from onnxq.cli import app
+from onnxq.passes.metadata import read_provenance
+from onnxq.pipeline import quantize
+from onnxq.runtime.session import make_session, model_feeds
+from tests.tiny import tiny_llama_onnx
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama_onnx(tmp_path_factory.mktemp("llama"), layers=2, hidden=64, heads=4, kv_heads=2)
+
+
+def _windows(n=8, t=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, t)).astype(np.int64)
+
+
+def _logits(path, ids):
+    s = make_session(path)
+    return s.run(["logits"], model_feeds(s, ids))[0]
+
+
+@pytest.mark.parametrize(
+    "algo,bits,group,fmt",
+    [("rtn", 4, 32, "nbits"), ("gptq", 4, 32, "nbits"), ("gptq", 8, -1, "qdq"), ("gptq", 3, 16, "qdq"),
+     ("boa", 4, -1, "nbits"), ("turboboa", 2, 32, "nbits")],
+)
+def test_quantize_runs_on_ort(llama, tmp_path, algo, bits, group, fmt):
+    out = tmp_path / "q.onnx"
+    recipe = QuantRecipe(algo=algo, bits=bits, group_size=group, format=fmt, rows_per_block=4)
+    rep = quantize(llama, recipe, out, windows=_windows(), progress=False)
+    assert out.exists() and rep.layers == 14
+    model = onnx.load(out)
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert ("MatMulNBits" in ops) if fmt == "nbits" else ("DequantizeLinear" in ops)
+    prov = read_provenance(model)
+    assert prov["algorithm"] == algo and int(prov["bits"]) == bits
+    ids = _windows(2, 16, seed=1)
+    ref, got = _logits(llama, ids), _logits(out, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert np.isfinite(got).all()
+    assert rel < {8: 0.02, 4: 0.3, 3: 0.5, 2: 1.0}[bits], rel
+
+
+def test_gptq_beats_rtn_on_layer_loss(llama, tmp_path):
+    """Summed over all layers, GPTQ's calibration loss tr(ΔW H ΔWᵀ) is below RTN's at 3 bits."""
+    rtn = quantize(llama, QuantRecipe(algo="rtn", bits=3, group_size=32, grid="mse"), tmp_path / "r.onnx", windows=_windows(), progress=False)
+    gptq = quantize(llama, QuantRecipe(algo="gptq", bits=3, group_size=32), tmp_path / "g.onnx", windows=_windows(), progress=False)
+    # RTN's layer losses use H of its own (quantized) stream; compare the first block, where streams are identical
+    first = [k for k in gptq.layer_losses if "layers.0/" in k]
+    assert sum(gptq.layer_losses[k] for k in first) < sum(rtn.layer_losses[k] for k in first)
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["quantize", "missing.onnx", "-o", "OUT"], "missing.onnx"),
+        (["quantize", "NOTONNX", "-o", "OUT"], "ONNX"),
+        (["quantize", "no-such-model", "-o", "OUT"], "unknown model"),
+        (["quantize", "LLAMA", "-o", "OUT", "--bits", "5"], "bits=5"),
+        (["quantize", "LLAMA", "-o", "OUT", "--group", "100"], "power of two"),
+        (["quantize", "LLAMA", "-o", "OUT", "--calib", "EMPTY"], "empty"),
+    ],
+)
+def test_cli_bad_input(llama, tmp_path, args, needle):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf at all" * 10)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    out = tmp_path / "out.onnx"
+    subst = {"OUT": str(out), "NOTONNX": str(bad), "LLAMA": str(llama), "EMPTY": str(empty), "missing.onnx": str(tmp_path / "missing.onnx")}
+    res = runner.invoke(app, [subst.get(a, a) for a in args])
+    assert res.exit_code == 2, res.output
+    assert needle.lower() in res.output.lower()
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
