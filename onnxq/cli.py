@@ -118,19 +118,20 @@ def eval_cmd(
 @app.command()
 @_guarded
 def inspect(
-    model: Path = typer.Argument(..., help=".onnx file"),
-    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+    model: Path = typer.Argument(..., help=".onnx file (external data is not read)"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output (schema in docs/inspect.md)"),
+    layers: bool = typer.Option(False, "--layers", help="one row per weight layer"),
+    target: Optional[str] = typer.Option(None, help="lint against an execution provider: cpu, cuda, webgpu, web, dml, openvino, qnn, webnn, tensorrt"),
+    diff: Optional[Path] = typer.Option(None, help="compare with another .onnx (e.g. the float source)"),
 ) -> None:
-    """Summarize a model: linear layers, decoder blocks, quantized formats and provenance."""
-    from .inspect import inspect_model
+    """Summarize a model: ops, parameters by precision, quantized layers, attention map, provenance."""
+    from .inspect import inspect_model, render
 
-    info = inspect_model(model)
+    info = inspect_model(model, target=target, diff=diff)
     if as_json:
         print(json.dumps(info, indent=2))
     else:
-        from .inspect import render
-
-        render(info, Console())
+        render(info, Console(), layers=layers)
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def _gemm_to_matmul(
         return [helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=mm_name)]
     if a["beta"] != 1:
         c = numpy_helper.to_array(inits[c_name])
-        c_name = _add_initializer(graph, inits, names.unique(f"{mm_name}.bias"), c * np.asarray(a["beta"], c.dtype))
+        c_name = _add_initializer(graph, inits, names.unique(f"{mm_name}.bias"), c)
     mm_out = names.unique(f"{mm_name}_output_0")
     return [
         helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=mm_name),
@@ -133,14 +133,20 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """The graph's nodes and, recursively, those of its subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from all_nodes(sub)
+
+
 def _used_names(graph: onnx.GraphProto) -> Iterator[str]:
     """Every tensor name read by a node (subgraphs included) or exposed as a graph output."""
     yield from (o.name for o in graph.output)
-    for node in graph.node:
+    for node in all_nodes(graph):
         yield from node.input
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _used_names(sub)
 
 
 class Names:

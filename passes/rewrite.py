@@ -1,7 +1,6 @@
 """Write quantized weights into the graph: MatMul -> com.microsoft::MatMulNBits, or DequantizeLinear -> MatMul (QDQ)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,7 @@ from onnxq.errors import OnnxqError
 from onnxq.io import restore_weights, strip_weights
 from onnxq.packing import pack_nbits, pack_subbyte
 
-from .normalize import Names, remove_unused, renamed
+from .normalize import Names, all_nodes, remove_unused, renamed
 
 MS_DOMAIN = "com.microsoft"
 NBITS_MAX_BLOCK_2BIT = 256  # ORT 1.32 CPU refuses 2-bit MatMulNBits with larger blocks
@@ -70,11 +69,11 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     int4/uint4). Groups are blocks along K (axis=0, block_size=group_size); per-channel is per-axis (axis=1).
     Needs opset 21 (opset 25 when any weight is 2-bit), raised as `_raise_opset` describes.
     """
-    targets = list(_targets(model.graph, weights))
-    _raise_opset(model, 25 if any(qw.bits == 2 for *_, qw in targets) else 21)
+    bits = {qw.bits for *_, qw in _targets(model.graph, weights)}
+    _raise_opset(model, 25 if 2 in bits else 21)  # may replace the graph: look the targets up again after it
     names = Names(model.graph)
     dq_for = {}
-    for node, weight, qw in targets:
+    for node, weight, qw in _targets(model.graph, weights):
         signed, unsigned = _QDQ_TYPES[4 if qw.bits == 3 else qw.bits]
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
         values = qw.codes.T if qw.zeros is not None else qw.codes.T.astype(np.int64) - (1 << (qw.bits - 1))
@@ -101,37 +100,37 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     return model
 
 
-def _targets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> Iterator[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:
-    """(MatMul node, its weight initializer [K, N], quantized weight) per entry, checked against each other."""
+def _targets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> list[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:
+    """(MatMul node, its weight initializer [K, N], quantized weight) per entry, all checked before any rewrite."""
     nodes = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
-    checked = []
+    targets = []
     for name, qw in weights.items():
         node = nodes.get(name)
         if node is None or node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
             raise OnnxqError(f"{name!r} is not a MatMul with a constant 2-D weight in this model: normalize it first or check the name")
         weight = inits[node.input[1]]
-        _check(qw, *weight.dims, name)
-        checked.append((node, weight, qw))
-    yield from checked
+        problem = _problem(qw, *weight.dims)
+        if problem:
+            raise OnnxqError(f"quantized weight for {name!r} is invalid: {problem}")
+        targets.append((node, weight, qw))
+    return targets
 
 
-def _check(qw: QuantizedWeight, k: int, n: int, name: str) -> None:
-    """Raise OnnxqError when `qw` does not fit a weight [K, N] or holds out-of-range codes."""
-    groups = 1 if qw.group_size == -1 else -(-k // max(qw.group_size, 1))
-    problem = (
-        f"bits={qw.bits} (use 2, 3, 4 or 8)" if qw.bits not in (2, 3, 4, 8)
-        else f"group_size={qw.group_size} (use -1 or a positive size)" if qw.group_size == 0 or qw.group_size < -1
-        else f"codes shape {qw.codes.shape}, expected [N, K] = {(n, k)}" if qw.codes.shape != (n, k)
-        else f"scales shape {qw.scales.shape}, expected {(n, groups)}" if qw.scales.shape != (n, groups)
-        else f"zeros shape {qw.zeros.shape}, expected {(n, groups)}" if qw.zeros is not None and qw.zeros.shape != (n, groups)
-        else f"codes/zeros outside [0, {(1 << qw.bits) - 1}]" if any(
-            a.min() < 0 or a.max() >= 1 << qw.bits for a in (qw.codes, qw.zeros) if a is not None and a.size
-        )
-        else None
-    )
-    if problem:
-        raise OnnxqError(f"quantized weight for {name!r} is invalid: {problem}")
+def _problem(qw: QuantizedWeight, k: int, n: int) -> str | None:
+    """What makes `qw` unfit for a weight [K, N], or None."""
+    if qw.bits not in (2, 3, 4, 8):
+        return f"bits={qw.bits} (use 2, 3, 4 or 8)"
+    if qw.group_size == 0 or qw.group_size < -1:
+        return f"group_size={qw.group_size} (use -1 or a positive size)"
+    groups = 1 if qw.group_size == -1 else -(-k // qw.group_size)
+    if qw.codes.shape != (n, k):
+        return f"codes shape {qw.codes.shape}, expected [N, K] = {(n, k)}"
+    if qw.scales.shape != (n, groups) or (qw.zeros is not None and qw.zeros.shape != (n, groups)):
+        return f"scales/zeros shape {qw.scales.shape}, expected [N, groups] = {(n, groups)}"
+    if any(a.min() < 0 or a.max() >= 1 << qw.bits for a in (qw.codes, qw.zeros) if a is not None):
+        return f"codes/zeros outside [0, {(1 << qw.bits) - 1}]"
+    return None
 
 
 def _nbits_block(qw: QuantizedWeight, k: int, name: str) -> int:
@@ -171,7 +170,7 @@ def _raise_opset(model: onnx.ModelProto, target: int) -> None:
     """
     entry = next(o for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if entry.version < target:
-        ops = {n.op_type for n in _all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
+        ops = {n.op_type for n in all_nodes(model.graph) if n.domain in ("", "ai.onnx")}
         if all(_same_meaning(op, entry.version, target) for op in ops):
             entry.version = target
         else:
@@ -193,21 +192,16 @@ def _same_meaning(op: str, old: int, new: int) -> bool:
         return False
     if a.since_version == b.since_version:
         return True
-    params = lambda ps: [(p.name, p.option) for p in ps]  # noqa: E731
     optional = defs.OpSchema.FormalParameterOption.Optional
     return (
         op not in _MEANING_CHANGED
-        and params(b.inputs)[: len(a.inputs)] == params(a.inputs)
+        and _params(b.inputs)[: len(a.inputs)] == _params(a.inputs)
         and all(p.option == optional for p in b.inputs[len(a.inputs):])
-        and params(b.outputs) == params(a.outputs)
+        and _params(b.outputs) == _params(a.outputs)
         and all(key in b.attributes and b.attributes[key].default_value == attr.default_value for key, attr in a.attributes.items())
         and not any(attr.required for key, attr in b.attributes.items() if key not in a.attributes)
     )
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                yield from _all_nodes(sub)
+def _params(params: list[defs.OpSchema.FormalParameter]) -> list[tuple[str, object]]:
+    return [(p.name, p.option) for p in params]

@@ -29,7 +29,7 @@ def obs_quantize(
                     rest = W[..., i2:k] - E1[..., :j] @ U[:, i1:c, i2:k]
                     cur = torch.cat([cur, rest if P is None else rest + V1[..., :j] @ P[:, i1:c, i2:k]], -1)
                 s, z = grid(c, cur)
-            w = W1[..., j]
+            w = W1[..., j].clone()
             code = torch.clamp(torch.round(w / s) + z, 0, maxq)
             Q[..., c], codes[..., c] = s * (code - z), code.to(torch.int32)
             E1[..., j], V1[..., j] = (w - Q[..., c]) / U[:, c, c, None], w

@@ -1,0 +1,155 @@
+"""load_model's one-line errors, atomic saves with and without external data, weight detaching, provenance."""
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
+
+from onnxq import io
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, restore_weights, save_model_atomic, strip_weights
+from onnxq.passes import add_provenance, read_provenance
+from tests.tiny import matmul_model
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def assert_same(a: onnx.ModelProto, b: onnx.ModelProto) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert [n.name for n in a.graph.node] == [n.name for n in b.graph.node]
+
+
+def one_line_error(call, match: str) -> str:
+    with pytest.raises(OnnxqError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.fixture
+def external(tmp_path):
+    """A model saved with its weights in model.onnx.data."""
+    path = tmp_path / "model.onnx"
+    save_model_atomic(matmul_model(), path, external_data=True)
+    return path
+
+
+def test_missing_file(tmp_path):
+    one_line_error(lambda: load_model(tmp_path / "nope.onnx"), "not found")
+    one_line_error(lambda: load_model(tmp_path), "not found")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbage \x00\x01" * 50, b"", b"hello, I am a text file\n"])
+def test_not_onnx(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    one_line_error(lambda: load_model(path), "not (a readable ONNX|an ONNX) model")
+
+
+def test_truncated(tmp_path):
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(matmul_model().SerializeToString()[:5000])
+    one_line_error(lambda: load_model(path), "truncated or not ONNX")
+
+
+def test_missing_external_data(external):
+    (external.parent / "model.onnx.data").unlink()
+    message = one_line_error(lambda: load_model(external), "missing")
+    assert "model.onnx.data" in message
+    lazy = load_model(external, load_weights=False)  # the graph alone still loads
+    assert any(uses_external_data(t) for t in lazy.graph.initializer)
+
+
+def test_truncated_external_data(external):
+    data = external.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    one_line_error(lambda: load_model(external), "external data")
+
+
+def test_round_trip(tmp_path):
+    model = matmul_model()
+    assert save_model_atomic(model, tmp_path / "sub" / "m.onnx") == tmp_path / "sub" / "m.onnx"
+    assert_same(load_model(tmp_path / "sub" / "m.onnx"), model)
+    assert sorted(os.listdir(tmp_path / "sub")) == ["m.onnx"]
+
+
+def test_external_data_round_trip(external):
+    assert sorted(os.listdir(external.parent)) == ["model.onnx", "model.onnx.data"]
+    graph_only = onnx.load(str(external), load_external_data=False)
+    assert all(uses_external_data(t) for t in graph_only.graph.initializer)
+    assert external.stat().st_size < 2000 < (external.parent / "model.onnx.data").stat().st_size
+    model = load_model(external)
+    assert_same(model, matmul_model())
+    x = np.ones((1, 2, 80), np.float32)
+    by_path = ort.InferenceSession(str(external)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(by_path, ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0])
+
+
+def test_saving_leaves_the_model_unchanged(tmp_path):
+    model = matmul_model()
+    save_model_atomic(model, tmp_path / "m.onnx", external_data=True)
+    assert not any(uses_external_data(t) for t in model.graph.initializer)
+    assert model.SerializeToString() == matmul_model().SerializeToString()
+
+
+def test_external_data_chosen_by_size(tmp_path, monkeypatch):
+    save_model_atomic(matmul_model(), tmp_path / "small.onnx")
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    save_model_atomic(matmul_model(), tmp_path / "big.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data", "small.onnx"]
+
+
+@pytest.mark.parametrize("external_data", [False, True])
+@pytest.mark.parametrize("broken", ["replace", "fsync"])
+def test_failed_save_leaves_no_temp_files(tmp_path, monkeypatch, external_data, broken):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous")
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io.os, broken, fail)
+    model = matmul_model()
+    one_line_error(lambda: save_model_atomic(model, target, external_data=external_data), "cannot write .*No space left")
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"] and target.read_bytes() == b"previous"
+    assert model.SerializeToString() == matmul_model().SerializeToString()  # weights put back
+
+
+def test_refuses_to_overwrite_the_source(external):
+    before = external.read_bytes()
+    one_line_error(lambda: save_model_atomic(load_model(external), external, source=external), "is the input model")
+    assert external.read_bytes() == before
+
+
+def test_refuses_unloaded_external_weights(external, tmp_path):
+    lazy = load_model(external, load_weights=False)
+    one_line_error(lambda: save_model_atomic(lazy, tmp_path / "copy.onnx"), "not loaded")
+
+
+def test_strip_and_restore_weights():
+    model = matmul_model()
+    payloads = strip_weights(model)
+    assert set(payloads) == {"layers.0.weight", "layers.1.weight"}
+    assert model.ByteSize() < 1000
+    restore_weights(model, payloads)
+    assert model.SerializeToString() == matmul_model().SerializeToString()
+
+
+def test_provenance_survives_a_save(tmp_path):
+    model = matmul_model()
+    model.metadata_props.add(key="author", value="someone")
+    info = {"algorithm": "gptq", "bits": 4, "sym": False, "text": "4", "damp": 0.01, "layers": np.int64(14),
+            "calibration": {"windows": 32, "seq_len": 512}, "exclude": ["lm_head"], "note": None}
+    add_provenance(model, info)
+    add_provenance(model, {"bits": 3})
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["onnxq.algorithm"] == "gptq" and props["onnxq.bits"] == "3" and props["onnxq.text"] == '"4"'
+    assert props["onnxq.calibration"] == '{"seq_len": 512, "windows": 32}' and props["author"] == "someone"
+    save_model_atomic(model, tmp_path / "m.onnx")
+    assert read_provenance(load_model(tmp_path / "m.onnx")) == info | {"bits": 3}

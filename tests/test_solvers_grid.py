@@ -1,0 +1,82 @@
+"""Grids, RTN and the QuantResult contract."""
+import pytest
+import torch
+
+from onnxq.errors import OnnxqError
+from onnxq.solvers import QuantSpec, find_grid, minmax_grid, mse_grid, solve_rtn
+from onnxq.solvers.grid import _grouped, fake_quant
+
+DT = torch.float64
+
+
+def check_result(res, W, spec):
+    """The QuantResult contract: shapes, dtypes, code range, sym zeros, qweight == (codes - zeros) * scales in fp32."""
+    r, n = W.shape
+    G = 1 if spec.group_size == -1 else -(-n // spec.group_size)
+    g = torch.arange(n) // (n if spec.group_size == -1 else spec.group_size)
+    assert res.qweight.shape == res.codes.shape == (r, n) and res.scales.shape == res.zeros.shape == (r, G)
+    assert res.qweight.dtype == res.scales.dtype == torch.float32 and res.codes.dtype == res.zeros.dtype == torch.int32
+    assert res.codes.min() >= 0 and res.codes.max() <= spec.maxq
+    assert (res.bits, res.group_size, res.sym) == (spec.bits, spec.group_size, spec.sym)
+    assert torch.equal(res.qweight, (res.codes - res.zeros[:, g]).float() * res.scales[:, g])
+    if spec.sym:
+        assert (res.zeros == 2 ** (spec.bits - 1)).all()
+    else:
+        assert res.zeros.min() >= 0 and res.zeros.max() <= spec.maxq
+
+
+def test_minmax_formula():
+    W = torch.tensor([[-1.0, 0.5, 2.0, 0.0], [0.5, 1.0, 0.25, 0.75], [0, 0, 0, 0], [-3.0, -1.0, 0.5, 1.0]], dtype=DT)
+    s, z = minmax_grid(W, QuantSpec(2, -1, False))
+    assert torch.allclose(s[:, 0], torch.tensor([1.0, 1 / 3, 2 / 3, 4 / 3], dtype=DT))
+    assert torch.equal(z[:, 0], torch.round(torch.tensor([1.0, 0.0, 1.5, 2.25], dtype=DT)))
+    s, z = minmax_grid(W, QuantSpec(3, -1, True))
+    assert torch.allclose(s[:, 0], torch.tensor([4 / 7, 2 / 7, 2 / 7, 6 / 7], dtype=DT)) and (z == 4).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [-1, 16, 32])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("grid", ["minmax", "mse", "hessian"])
+def test_rtn_contract_and_rounding(bits, gs, sym, grid):
+    torch.manual_seed(bits * 7 + gs)
+    W = torch.randn(12, 40, dtype=DT)  # 40 = 2.5 groups of 16: ragged last group
+    X = torch.randn(40, 200, dtype=DT)
+    spec = QuantSpec(bits, gs, sym)
+    res = solve_rtn(W, spec, grid=grid, H=X @ X.T)
+    check_result(res, W, spec)
+    g = torch.arange(40) // spec.width(40)
+    step, inside = res.scales[:, g].double(), (res.codes > 0) & (res.codes < spec.maxq)
+    assert ((res.qweight.double() - W).abs()[inside] <= step[inside] / 2 + 1e-6).all()  # nearest unclipped point
+    if grid == "minmax":  # the min-max range covers W: no clipping beyond one step
+        assert ((res.qweight.double() - W).abs() <= step + 1e-6).all()
+
+
+def test_mse_grid_never_worse_than_minmax():
+    torch.manual_seed(0)
+    W = torch.randn(16, 48, dtype=DT) * torch.rand(16, 1, dtype=DT)
+    W[0, 0] = 9.0  # an outlier makes shrinking pay off
+    for spec in (QuantSpec(3, -1, False), QuantSpec(2, 16, False), QuantSpec(4, 16, True)):
+        Wg = _grouped(W, spec.width(48))
+
+        def err(s, z):
+            return (fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg).abs().pow(2.4).sum(-1)
+
+        e_mse, e_mm = err(*mse_grid(W, spec)), err(*minmax_grid(W, spec))
+        assert (e_mse <= e_mm + 1e-12).all() and (e_mse < e_mm).any()
+
+
+def test_float32_and_float64_inputs():
+    W = torch.randn(8, 32)
+    for w in (W, W.double()):
+        res = solve_rtn(w, QuantSpec(4, 16, False))
+        check_result(res, w, QuantSpec(4, 16, False))
+
+
+def test_errors():
+    with pytest.raises(OnnxqError):
+        find_grid(torch.randn(4, 8), QuantSpec(4, -1, False), "hessian")
+    with pytest.raises(OnnxqError):
+        find_grid(torch.randn(4, 8), QuantSpec(4, -1, False), "bogus")
+    with pytest.raises(OnnxqError):
+        QuantSpec(4, 0, False)

@@ -1,0 +1,165 @@
+"""Tiny models for tests: random HF Llama / GPT-2 / BERT exported with optimum, and hand-built linear-layer graphs.
+
+Exports are made once per process and argument set (in a temp folder removed at exit) and copied into the caller's
+`tmp_path`, so tests may modify their copy. The `tiny_*` torch builders give the same weights as the exports.
+"""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+_CACHE = Path(tempfile.mkdtemp(prefix="onnxq-tiny-"))
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
+def tiny_llama(*, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0):
+    """A random `LlamaForCausalLM` (eval mode, eager attention); same arguments give the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(*, layers=2, hidden=64, heads=4, vocab=256, seed=0):
+    """A random `GPT2LMHeadModel` (Conv1D layers, fused QKV, tied embeddings)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=128, attn_implementation="eager")
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(*, layers=2, hidden=64, heads=4, intermediate=128, vocab=256, seed=0):
+    """A random `BertModel` encoder."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=128, attn_implementation="eager",
+    )
+    return BertModel(config).eval()
+
+
+def tiny_llama_onnx(tmp_path: Path, *, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0) -> Path:
+    """`tiny_llama(...)` exported by optimum (task text-generation, no KV cache): path of model.onnx in tmp_path."""
+    args = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, seed=seed)
+    return _copy(_export("llama", "text-generation", True, tuple(args.items())), Path(tmp_path))
+
+
+def tiny_gpt2_onnx(tmp_path: Path, *, layers=2, hidden=64, heads=4, vocab=256, seed=0, constant_folding=True) -> Path:
+    """`tiny_gpt2(...)` exported (Gemm layers); without constant folding the lm_head reads Transpose(wte)."""
+    args = dict(layers=layers, hidden=hidden, heads=heads, vocab=vocab, seed=seed)
+    return _copy(_export("gpt2", "text-generation", constant_folding, tuple(args.items())), Path(tmp_path))
+
+
+def tiny_bert_onnx(tmp_path: Path, *, layers=2, hidden=64, heads=4, intermediate=128, vocab=256, seed=0) -> Path:
+    """`tiny_bert(...)` exported with task feature-extraction (MatMul + Add layers)."""
+    args = dict(layers=layers, hidden=hidden, heads=heads, intermediate=intermediate, vocab=vocab, seed=seed)
+    return _copy(_export("bert", "feature-extraction", True, tuple(args.items())), Path(tmp_path))
+
+
+@cache
+def _export(kind: str, task: str, constant_folding: bool, args: tuple) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    build = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}[kind]
+    root = Path(tempfile.mkdtemp(dir=_CACHE, prefix=kind))
+    build(**dict(args)).save_pretrained(root / "hf")
+    main_export(str(root / "hf"), output=root / "onnx", task=task, do_validation=False, do_constant_folding=constant_folding)
+    return root / "onnx"
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = Path(tempfile.mkdtemp(dir=tmp_path, prefix=src.parent.name))
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst / "model.onnx"
+
+
+# ---- hand-built graphs -------------------------------------------------------------------------------------------
+
+
+def matmul_model(dims=(80, 200, 48), *, seed=0) -> onnx.ModelProto:
+    """x[batch, seq, dims[0]] -> MatMul "/layers.i/MatMul" (weight [dims[i], dims[i+1]]) -> Relu -> ... -> y."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate(zip(dims, dims[1:])):
+        inits.append(numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), f"layers.{i}.weight"))
+        nodes.append(helper.make_node("MatMul", [x, inits[-1].name], [f"/layers.{i}/MatMul_output_0"], name=f"/layers.{i}/MatMul"))
+        x = nodes[-1].output[0]
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [x], [f"/layers.{i}/Relu_output_0"], name=f"/layers.{i}/Relu"))
+            x = nodes[-1].output[0]
+    nodes[-1].output[0] = "y"
+    return _model(nodes, inits, [("x", ["batch", "seq", dims[0]])], [("y", ["batch", "seq", dims[-1]])])
+
+
+def gemm_model(*, trans_b=0, bias=True, alpha=1.0, beta=1.0, dynamic_bias=False, m=4, k=24, n=16, seed=0) -> onnx.ModelProto:
+    """x[m, k] -> Gemm "/fc/Gemm"(x, B, C) -> y[m, n]; B is [k, n] or [n, k] (trans_b), C [n] constant or an input."""
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    inits = [numpy_helper.from_array(b, "fc.weight")]
+    inputs = [("x", [m, k])]
+    if bias and dynamic_bias:
+        inputs.append(("c", [n]))
+    elif bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "c"))
+    node = helper.make_node("Gemm", ["x", "fc.weight"] + (["c"] if bias else []), ["y"], name="/fc/Gemm",
+                            transB=trans_b, alpha=alpha, beta=beta)
+    return _model([node], inits, inputs, [("y", [m, n])])
+
+
+def transpose_weight_model(*, k=24, n=16, constant=False, seed=0) -> onnx.ModelProto:
+    """x[2, k] -> MatMul "/fc/MatMul"(x, Transpose(W[n, k])) -> y; W an initializer or (constant=True) a Constant node."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["fc.weight"], ["/fc/Transpose_output_0"], name="/fc/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "/fc/Transpose_output_0"], ["y"], name="/fc/MatMul"),
+    ]
+    inits = [numpy_helper.from_array(w, "fc.weight")]
+    if constant:
+        nodes.insert(0, helper.make_node("Constant", [], ["fc.weight"], name="/fc/Constant", value=inits.pop()))
+    return _model(nodes, inits, [("x", [2, k])], [("y", [2, n])])
+
+
+def constant_weight_model(*, k=24, n=16, seed=0) -> onnx.ModelProto:
+    """x[2, k] -> MatMul "/fc/MatMul"(x, Constant W[k, n]) -> y."""
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["/fc/Constant_output_0"], name="/fc/Constant", value=numpy_helper.from_array(w)),
+        helper.make_node("MatMul", ["x", "/fc/Constant_output_0"], ["y"], name="/fc/MatMul"),
+    ]
+    return _model(nodes, [], [("x", [2, k])], [("y", [2, n])])
+
+
+def tied_embedding_model(*, vocab=32, hidden=16, seed=0) -> onnx.ModelProto:
+    """ids[2, 5] -> Gather(E[vocab, hidden]) -> MatMul "/lm_head/MatMul"(., Transpose(E)) -> logits (E shared)."""
+    e = np.random.default_rng(seed).standard_normal((vocab, hidden)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["embed.weight", "ids"], ["h"], name="/embed/Gather"),
+        helper.make_node("Transpose", ["embed.weight"], ["/lm_head/Transpose_output_0"], name="/lm_head/Transpose"),
+        helper.make_node("MatMul", ["h", "/lm_head/Transpose_output_0"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])]
+    return _model(nodes, [numpy_helper.from_array(e, "embed.weight")], inputs, [("logits", [2, 5, vocab])])
+
+
+def _model(nodes, inits, inputs, outputs, opset=18) -> onnx.ModelProto:
+    def info(x):
+        return x if isinstance(x, onnx.ValueInfoProto) else helper.make_tensor_value_info(x[0], TensorProto.FLOAT, x[1])
+
+    graph = helper.make_graph(nodes, "tiny", [info(x) for x in inputs], [info(y) for y in outputs], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
