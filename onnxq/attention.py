@@ -88,8 +88,34 @@ class _Graph:
                 if stop(n):
                     found.append(n)
                     continue
-                queue.extend(o for o in n.output if o)
+                if n.op_type != "Shape":  # shape arithmetic is not data flow
+                    queue.extend(o for o in n.output if o)
         return found
+
+    def side_inputs(self, top: onnx.NodeProto, bottom: str) -> list[str]:
+        """Inputs joining the data path from `top`'s output down to tensor `bottom` (e.g. the attention mask)."""
+        path, t, side = {top.output[0]}, bottom, []
+        chain = []
+        while t not in path:
+            n = self.producer.get(t)
+            if n is None:
+                return []
+            chain.append(n)
+            below = [i for i in n.input if i and self._reaches(top.output[0], i)]
+            if not below:
+                return []
+            side += [i for i in n.input if i and i not in below and not self.is_const(i)]
+            t = below[0]
+        return side
+
+    def _reaches(self, src: str, dst: str, limit: int = 12) -> bool:
+        """Whether `dst` is at most `limit` data steps below `src`."""
+        frontier = {src}
+        for _ in range(limit):
+            if dst in frontier:
+                return True
+            frontier = {o for t in frontier for n in self.consumers.get(t, []) if n.op_type != "Shape" for o in n.output}
+        return dst in frontier
 
     def ancestors_ops(self, tensor: str, limit: int = 400) -> set[str]:
         """Op types among the ancestors of `tensor`."""
@@ -141,7 +167,7 @@ def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims
         return None
     q, k, v = q_lin[0], k_lin[0], v_lin[0]
     fused = q.node if q.node == k.node == v.node else None
-    mask_ops = g.ancestors_ops(softmax.input[0]) - g.ancestors_ops(qk.output[0])
+    mask_ops = set().union(*(g.ancestors_ops(t) for t in g.side_inputs(qk, softmax.input[0])))
     causal = bool(mask_ops & _CAUSAL_HINTS)
     q_tensor, k_tensor = _strip_scale(g, qk.input[0]), _strip_scale(g, qk.input[1])
     rope, cos, sin = _rope(g, q_tensor)

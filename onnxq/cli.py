@@ -131,7 +131,7 @@ def inspect(
     if as_json:
         print(json.dumps(info, indent=2))
     else:
-        render(info, Console(), layers=layers)
+        render(info, Console(width=None if sys.stdout.isatty() else 160), layers=layers)
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
         elif node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm", "Gather") and len(node.input) > 1:
             w = node.input[0 if node.op_type == "Gather" else 1]
             src = producer.get(w)
-            if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in inits:
+            if src is not None and src.op_type == "DequantizeLinear" and len(inits.get(src.input[0], TensorProto()).dims) >= 2:
                 layers.append(_dq_layer(node, name, src, inits))
             elif (layer := _float_layer(node, name, w, src, inits)) is not None:
                 layers.append(layer)
@@ -157,7 +157,11 @@ def _zp_type(zp: str, bits: int, inits: dict[str, TensorProto]) -> str | None:
     return f"uint{bits} packed" if inits[zp].data_type == TensorProto.UINT8 and bits < 8 else dtype_name(inits[zp].data_type)
 
 
-def _quantized(node, name, fmt, inits, *, weight, scale, zp, bits, k, n, per_scale, block_size, extra=(), **kw) -> Layer:
+def _quantized(
+    node: onnx.NodeProto, name: str, fmt: str, inits: dict[str, TensorProto], *, weight: str, scale: str, zp: str,
+    bits: int, k: int, n: int, per_scale: float, block_size: int, extra: tuple[str, ...] = (),
+    accuracy_level: int | None = None, bias: bool = False, role: str = "linear",
+) -> Layer:
     """A quantized layer's sizes from its initializers (weight, scale, zero point and `extra` ones such as g_idx)."""
     tensors = tuple(x for x in (weight, scale, zp, *extra) if x and x in inits)
     stored = sum(tensor_bytes(inits[x]) for x in tensors)
@@ -167,9 +171,9 @@ def _quantized(node, name, fmt, inits, *, weight, scale, zp, bits, k, n, per_sca
     zp_bits = 0 if zp not in inits else bits if zp_type.endswith("packed") else dtype_bits(inits[zp].data_type)
     return Layer(
         name, node.op_type, fmt, dtype_name(inits[weight].data_type), bits, block_size, not zp, zp_type,
-        dtype_name(scale_t.data_type) if scale_t is not None else None, kw.pop("accuracy_level", None),
-        kw.pop("bias", False), k, n, stored, round(stored * 8 / (k * n), 5),
-        round(bits + (scale_bits + zp_bits) / per_scale, 5), weight, tensors=tensors, **kw,
+        dtype_name(scale_t.data_type) if scale_t is not None else None, accuracy_level, bias, k, n, stored,
+        round(stored * 8 / max(k * n, 1), 6), round(bits + (scale_bits + zp_bits) / per_scale, 6), weight, role=role,
+        tensors=tensors,
     )
 
 
@@ -216,7 +220,9 @@ def _dq_layer(node: onnx.NodeProto, name: str, dq: onnx.NodeProto, inits: dict[s
     )
 
 
-def _float_layer(node, name, w, src, inits) -> Layer | None:
+def _float_layer(
+    node: onnx.NodeProto, name: str, w: str, src: onnx.NodeProto | None, inits: dict[str, TensorProto]
+) -> Layer | None:
     """A float weight read directly or through a Transpose (tied lm_head); None if `w` is not a 2-D float constant."""
     t, transposed = inits.get(w), False
     if t is None and src is not None and src.op_type == "Transpose" and src.input[0] in inits:
@@ -541,24 +547,22 @@ def _overview(info: dict) -> Table:
 
 
 def _attention_table(info: dict) -> Table:
-    t = Table("block", "kind", "Q", "K", "V", "O", "heads", "kv heads", "head dim", "RoPE", "causal", title="attention")
+    t = Table("block", "kind", "Q K V O", "heads / kv", "head dim", "RoPE", "causal", title="attention")
     for a in info["blocks"]["attention"]:
-        q, k, v, o = (_leaf(a[r]) for r in "qkvo")
-        if a["fused_qkv"]:
-            q = k = v = f"{_leaf(a['fused_qkv'])} (fused)"
-        t.add_row(*map(str, (a["block"], a["kind"], q, k, v, o, a["n_heads"],
-                             a["n_kv_heads"], a["head_dim"], a["rope"] or "-", a["causal"])))
+        qkv = f"{_leaf(a['fused_qkv'])} (fused)" if a["fused_qkv"] else " ".join(_leaf(a[r]) for r in "qkv")
+        t.add_row(*map(str, (a["block"], a["kind"], f"{qkv} {_leaf(a['o'])}", f"{a['n_heads']} / {a['n_kv_heads']}",
+                             a["head_dim"], a["rope"] or "-", a["causal"])))
     return t
 
 
 def _formats_table(layers: list[dict]) -> Table:
     groups: dict[tuple, list[dict]] = {}
     for l in layers:
-        key = (l["format"], l["dtype"] if l["format"] == "float" else l["bits"], l["block_size"], l["sym"],
-               l["zero_point"], l["scale_dtype"], l["accuracy_level"])
+        key = (l["format"], l["dtype"] if l["format"] == "float" else l["bits"], l["block_size"], _zp(l),
+               l["scale_dtype"], l["accuracy_level"])
         groups.setdefault(key, []).append(l)
-    t = Table("format", "bits", "block", "sym", "zero point", "scales", "acc.lvl", "layers", "params", "bytes", "bpw",
-              title="weight layers by format (--layers for each)")
+    t = Table("format", "bits", "block", "zero point", "scales", "acc", "layers", "params", "bytes", "bpw",
+              title="weight layers by format (--layers: one row each)")
     for key, ls in groups.items():
         unique = {l["weight"]: l for l in ls}.values()  # a tied weight counts once
         params, size = sum(l["k"] * l["n"] for l in unique), sum(l["bytes"] for l in unique)
@@ -567,14 +571,19 @@ def _formats_table(layers: list[dict]) -> Table:
 
 
 def _layers_table(layers: list[dict]) -> Table:
-    t = Table("layer", "role", "format", "bits", "block", "sym", "zero point", "acc.lvl", "K×N", "bpw",
-              "fp32", "stored", title="weight layers")
+    t = Table("layer", "role", "format", "bits", "block", "zero point", "acc", "K×N", "bpw", "fp32", "stored",
+              title="weight layers")
     for l in layers:
         role = l["role"] + (f" ({l['attention']})" if l["attention"] else "")
-        t.add_row(_short(l["name"]), role, l["format"], str(l["bits"]), _cell(l["block_size"]), _cell(l["sym"]),
-                  _cell(l["zero_point"]), _cell(l["accuracy_level"]), f"{l['k']}×{l['n']}", f"{l['bpw']:.3f}",
-                  _size(l["bytes_fp32"]), _size(l["bytes"]))
+        t.add_row(_short(l["name"]), role, l["format"], str(l["bits"]), _cell(l["block_size"]), _zp(l),
+                  _cell(l["accuracy_level"]), f"{l['k']}×{l['n']}", f"{l['bpw']:.3f}", _size(l["bytes_fp32"]),
+                  _size(l["bytes"]))
     return t
+
+
+def _zp(layer: dict) -> str:
+    """Zero-point column: its storage, "sym" when none is stored, "-" for float."""
+    return "-" if layer["sym"] is None else "sym" if layer["sym"] else layer["zero_point"]
 
 
 def _target_table(target: dict) -> Table:
@@ -589,6 +598,8 @@ def _target_table(target: dict) -> Table:
 def _render_diff(info: dict, console: Console) -> None:
     d = info["diff"]
     a, b = Path(info["path"]).name, Path(d["other"]).name
+    if a == b:
+        a, b = (str(Path(*Path(p).parts[-2:])) for p in (info["path"], d["other"]))
     size = Table("", a, b, title=f"diff: {a} vs {b}")
     size.add_row("parameters", f"{d['params']['model']:,}", f"{d['params']['other']:,}")
     size.add_row("weight bytes", _size(d["bytes"]["model"]), _size(d["bytes"]["other"]))

@@ -25,7 +25,7 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError) as err:
-        raise OnnxqError(f"{path} is not a readable ONNX model (truncated or not ONNX): {_one_line(err)}") from None
+        raise OnnxqError(f"{path} is not a readable ONNX model (truncated or not ONNX): {one_line(err)}") from None
     if not model.HasField("graph") or not model.opset_import:
         raise OnnxqError(f"{path} is not an ONNX model (no graph or opset import): re-export it")
     if load_weights:
@@ -72,7 +72,7 @@ def save_model_atomic(
         for tmp, final in renames:
             os.replace(tmp, final)
     except (OSError, ValueError) as err:
-        raise OnnxqError(f"cannot write {path}: {_one_line(err)}") from None
+        raise OnnxqError(f"cannot write {path}: {one_line(err)}") from None
     finally:
         restore_weights(model, payloads)
         for tmp in temps:
@@ -122,14 +122,15 @@ def _large_initializers(model: onnx.ModelProto, min_bytes: int) -> Iterator[onnx
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    locations = {e.value for t in _get_all_tensors(model) if uses_external_data(t) for e in t.external_data if e.key == "location"}
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+    locations = {e.value for t in external for e in t.external_data if e.key == "location"}
     for loc in sorted(locations):
         if not (path.parent / loc).is_file():
             raise OnnxqError(f"external data file {loc!r} of {path.name} is missing: keep it next to the .onnx file")
     try:
         load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError, onnx.checker.ValidationError) as err:
-        raise OnnxqError(f"cannot read the external data of {path}: {_one_line(err)}") from None
+        raise OnnxqError(f"cannot read the external data of {path}: {one_line(err)}") from None
 
 
 def _temp_name(final: Path) -> str:
@@ -137,6 +138,7 @@ def _temp_name(final: Path) -> str:
     return str(final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An exception's text on one line, at most 200 characters."""
     text = " ".join(str(err).split())
     return text[:200] or type(err).__name__

@@ -6,21 +6,21 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
+from onnxq.errors import OnnxqError
 from onnxq.io import restore_weights, strip_weights
 
 LINEAR_OPS = ("MatMul", "Gemm")
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite `model` in place (and return it) so that every linear layer is MatMul with an initializer weight [K, N].
+    """Make every linear layer MatMul(X, initializer W[K, N]), in place (weights must be loaded); returns `model`.
 
-    Constant-node and Transpose-fed weights become initializers (named like the tensor they replace, so the MatMul is
-    untouched); Gemm (transA=0) becomes MatMul (+ Add for the bias C) with transB and alpha folded into the weight and
-    beta into a constant bias; the MatMul takes the Gemm's name with "Gemm" -> "MatMul" ("/h.0/attn/c_attn/MatMul").
-    Unnamed linear nodes get a name; other nodes keep theirs. Gemms that cannot be rewritten (transA=1, non-constant
-    B, non-constant C with beta != 1) stay as they are. Unused initializers are dropped; shape inference runs once.
-    Needs the weights loaded (`load_model(..., load_weights=True)`).
+    Constant/Transpose-fed weights become initializers under the name of the tensor they replace. Gemm (transA=0)
+    becomes MatMul (+ Add for C), transB/alpha folded into W and beta into a constant C, named "…/Gemm" -> "…/MatMul".
+    Other Gemms (transA=1, non-constant B, non-constant C with beta != 1) stay. Node names are kept (unnamed linear
+    nodes get one); unused initializers are dropped; shape inference runs once.
     """
     graph = model.graph
     names = Names(graph)
@@ -74,10 +74,12 @@ def _materialize_weights(graph: onnx.GraphProto, inits: dict[str, onnx.TensorPro
                 graph.initializer.append(inits[name])
 
 
-def _constant(name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+def _constant(
+    name: str, inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]
+) -> np.ndarray | None:
     """The value of tensor `name` if it is an initializer, a Constant, or a Transpose of one; else None."""
     if name in inits:
-        return numpy_helper.to_array(inits[name])
+        return _array(inits[name])
     node = producers.get(name)
     if node is None:
         return None
@@ -96,25 +98,31 @@ def _gemm_to_matmul(
     """[MatMul] or [MatMul, Add] equal to Gemm `node`; [node] when it is not a linear layer we can rewrite."""
     a = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0} | _attrs(node)
     b_name, c_name = node.input[1], node.input[2] if len(node.input) > 2 else ""
-    c_const = c_name in inits
-    if a["transA"] or b_name not in inits or len(inits[b_name].dims) != 2 or (c_name and a["beta"] != 1 and not c_const):
+    dynamic_scaled_c = c_name and a["beta"] != 1 and c_name not in inits
+    if a["transA"] or b_name not in inits or len(inits[b_name].dims) != 2 or dynamic_scaled_c:
         return [node]
     mm_name = names.unique(renamed(node.name, "MatMul"))
     weight = b_name
     if a["transB"] or a["alpha"] != 1:
-        w = numpy_helper.to_array(inits[b_name])
+        w = _array(inits[b_name])
         w = np.ascontiguousarray(w.T if a["transB"] else w) * np.asarray(a["alpha"], w.dtype)
         weight = _add_initializer(graph, inits, names.unique(f"{mm_name}.weight"), w)
     if not c_name:
         return [helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=mm_name)]
     if a["beta"] != 1:
-        c = numpy_helper.to_array(inits[c_name])
-        c_name = _add_initializer(graph, inits, names.unique(f"{mm_name}.bias"), c)
+        c = _array(inits[c_name])
+        c_name = _add_initializer(graph, inits, names.unique(f"{mm_name}.bias"), c * np.asarray(a["beta"], c.dtype))
     mm_out = names.unique(f"{mm_name}_output_0")
     return [
         helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=mm_name),
         helper.make_node("Add", [mm_out, c_name], list(node.output), name=names.unique(renamed(node.name, "Add"))),
     ]
+
+
+def _array(tensor: onnx.TensorProto) -> np.ndarray:
+    if uses_external_data(tensor):
+        raise OnnxqError(f"weight {tensor.name!r} is not loaded: load the model with load_weights=True to normalize it")
+    return numpy_helper.to_array(tensor)
 
 
 def _add_initializer(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], name: str, value: np.ndarray) -> str:

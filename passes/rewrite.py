@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, defs, helper, numpy_helper, version_converter
 
 from onnxq.errors import OnnxqError
-from onnxq.io import restore_weights, strip_weights
+from onnxq.io import one_line, restore_weights, strip_weights
 from onnxq.packing import pack_nbits, pack_subbyte
 
 from .normalize import Names, all_nodes, remove_unused, renamed
@@ -16,7 +16,11 @@ from .normalize import Names, all_nodes, remove_unused, renamed
 MS_DOMAIN = "com.microsoft"
 NBITS_MAX_BLOCK_2BIT = 256  # ORT 1.32 CPU refuses 2-bit MatMulNBits with larger blocks
 PER_CHANNEL_BLOCK = 128  # MatMulNBits block for per-channel weights (the channel's scale is repeated per block)
-_QDQ_TYPES = {2: (TensorProto.INT2, TensorProto.UINT2), 4: (TensorProto.INT4, TensorProto.UINT4), 8: (TensorProto.INT8, TensorProto.UINT8)}
+_QDQ_TYPES = {  # container bits -> (signed, unsigned) DequantizeLinear input type
+    2: (TensorProto.INT2, TensorProto.UINT2),
+    4: (TensorProto.INT4, TensorProto.UINT4),
+    8: (TensorProto.INT8, TensorProto.UINT8),
+}
 _MEANING_CHANGED = {"Softmax", "LogSoftmax", "Hardmax", "GroupNormalization"}  # same signature, new semantics
 
 
@@ -49,7 +53,11 @@ def to_matmulnbits(
         codes = qw.codes if qw.zeros is not None else qw.codes + (1 << (bits - 1)) - (1 << (qw.bits - 1))
         blob, scales, zp = pack_nbits(codes, qw.scales, qw.zeros, bits, block)
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
-        inputs = [node.input[0], _add(model, names, f"{node.name}.B", blob), _add(model, names, f"{node.name}.scales", scales.astype(dtype))]
+        inputs = [
+            node.input[0],
+            _add(model, names, f"{node.name}.B", blob),
+            _add(model, names, f"{node.name}.scales", scales.astype(dtype)),
+        ]
         if zp is not None:
             inputs.append(_add(model, names, f"{node.name}.zero_points", zp))
         node.CopyFrom(helper.make_node(
@@ -70,7 +78,8 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     Needs opset 21 (opset 25 when any weight is 2-bit), raised as `_raise_opset` describes.
     """
     bits = {qw.bits for *_, qw in _targets(model.graph, weights)}
-    _raise_opset(model, 25 if 2 in bits else 21)  # may replace the graph: look the targets up again after it
+    if bits:
+        _raise_opset(model, 25 if 2 in bits else 21)  # may replace the graph: look the targets up again after it
     names = Names(model.graph)
     dq_for = {}
     for node, weight, qw in _targets(model.graph, weights):
@@ -89,9 +98,8 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
             inputs.append(_add(model, names, f"{node.name}.weight_zero_point", _int_tensor(zeros, q_type)))
         attrs = {"axis": 1} if per_channel else {"axis": 0, "block_size": qw.group_size}
         out = names.unique(f"{node.name}.weight_dq")
-        dq_for[node.name] = helper.make_node(
-            "DequantizeLinear", inputs, [out], name=names.unique(renamed(node.name, "DequantizeLinear", "MatMul")), **attrs
-        )
+        dq_name = names.unique(renamed(node.name, "DequantizeLinear", "MatMul"))
+        dq_for[node.name] = helper.make_node("DequantizeLinear", inputs, [out], name=dq_name, **attrs)
         node.input[1] = out
     nodes = [x for node in model.graph.node for x in ([dq_for[node.name]] if node.name in dq_for else []) + [node]]
     del model.graph.node[:]
@@ -100,7 +108,9 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     return model
 
 
-def _targets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> list[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:
+def _targets(
+    graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]
+) -> list[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:
     """(MatMul node, its weight initializer [K, N], quantized weight) per entry, all checked before any rewrite."""
     nodes = {n.name: n for n in graph.node}
     inits = {t.name: t for t in graph.initializer}
@@ -108,7 +118,7 @@ def _targets(graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]) -> lis
     for name, qw in weights.items():
         node = nodes.get(name)
         if node is None or node.op_type != "MatMul" or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2:
-            raise OnnxqError(f"{name!r} is not a MatMul with a constant 2-D weight in this model: normalize it first or check the name")
+            raise OnnxqError(f"{name!r} is not a MatMul with a constant 2-D weight: normalize the model or check the name")
         weight = inits[node.input[1]]
         problem = _problem(qw, *weight.dims)
         if problem:
@@ -137,9 +147,9 @@ def _nbits_block(qw: QuantizedWeight, k: int, name: str) -> int:
     if qw.group_size == -1:
         return min(PER_CHANNEL_BLOCK, max(16, 1 << (k - 1).bit_length()))
     if qw.group_size < 16 or qw.group_size & (qw.group_size - 1):
-        raise OnnxqError(f"{name!r}: MatMulNBits needs a power-of-two group size >= 16, got {qw.group_size}: use 32, 64 or 128")
+        raise OnnxqError(f"{name!r}: MatMulNBits needs a power-of-two group size >= 16, not {qw.group_size}: use 32/64/128")
     if qw.bits == 2 and qw.group_size > NBITS_MAX_BLOCK_2BIT:
-        raise OnnxqError(f"{name!r}: 2-bit MatMulNBits blocks are limited to {NBITS_MAX_BLOCK_2BIT} by ONNX Runtime: use a smaller group size")
+        raise OnnxqError(f"{name!r}: ONNX Runtime limits 2-bit MatMulNBits blocks to {NBITS_MAX_BLOCK_2BIT}: use a smaller group")
     return qw.group_size
 
 
@@ -178,7 +188,8 @@ def _raise_opset(model: onnx.ModelProto, target: int) -> None:
             try:
                 model.CopyFrom(version_converter.convert_version(model, target))
             except (RuntimeError, ValueError, onnx.checker.ValidationError) as err:
-                raise OnnxqError(f"cannot convert the model to opset {target} for QDQ ({err}): use --format nbits") from None
+                reason = one_line(err)
+                raise OnnxqError(f"cannot convert the model to opset {target} for QDQ ({reason}): use --format nbits") from None
             finally:
                 restore_weights(model, payloads)
     model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True))
@@ -198,8 +209,8 @@ def _same_meaning(op: str, old: int, new: int) -> bool:
         and _params(b.inputs)[: len(a.inputs)] == _params(a.inputs)
         and all(p.option == optional for p in b.inputs[len(a.inputs):])
         and _params(b.outputs) == _params(a.outputs)
-        and all(key in b.attributes and b.attributes[key].default_value == attr.default_value for key, attr in a.attributes.items())
-        and not any(attr.required for key, attr in b.attributes.items() if key not in a.attributes)
+        and all(k in b.attributes and b.attributes[k].default_value == attr.default_value for k, attr in a.attributes.items())
+        and not any(attr.required for k, attr in b.attributes.items() if k not in a.attributes)
     )
 
 

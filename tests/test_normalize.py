@@ -5,6 +5,8 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model, save_model_atomic
 from onnxq.passes import normalize
 from tests.tiny import (
     constant_weight_model, gemm_model, matmul_model, tied_embedding_model, tiny_bert_onnx, tiny_gpt2_onnx,
@@ -133,3 +135,9 @@ def test_already_normal_model_is_unchanged():
     model = matmul_model()
     nodes = [helper.printable_node(n) for n in model.graph.node]
     assert [helper.printable_node(n) for n in normalize(model).graph.node] == nodes
+
+
+def test_unloaded_weights_are_a_clear_error(tmp_path):
+    save_model_atomic(transpose_weight_model(), tmp_path / "m.onnx", external_data=True)
+    with pytest.raises(OnnxqError, match="not loaded"):
+        normalize(load_model(tmp_path / "m.onnx", load_weights=False))
