@@ -4,33 +4,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import OnnxqError
+
 
 class Covariance:
     """Accumulates H = (2/N) Σ x xᵀ and optionally dXXᵀ = (2/N) Σ (x_fp − x_q) x_qᵀ over token rows."""
 
     def __init__(self, dim: int, *, device: str = "cpu", residual: bool = False):
-        self.H = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.H = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.dXXt = torch.zeros_like(self.H) if residual else None
         self.tokens = 0
         self.device = device
 
     def add(self, x: np.ndarray, x_fp: np.ndarray | None = None) -> None:
         """Add a batch of activations [..., dim] (and the float stream's matching batch)."""
-        xq = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1]))).to(self.device, torch.float64)
+        xq = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, x.shape[-1]))).to(self.device, torch.float32)
         if not torch.isfinite(xq).all():
-            from .errors import OnnxqError
-
             raise OnnxqError("calibration activations contain NaN/Inf: check the model in float first (onnxq eval)")
         self.H += xq.T @ xq
         if self.dXXt is not None and x_fp is not None:
-            xf = torch.from_numpy(np.ascontiguousarray(x_fp.reshape(-1, x_fp.shape[-1]))).to(self.device, torch.float64)
+            xf = torch.from_numpy(np.ascontiguousarray(x_fp.reshape(-1, x_fp.shape[-1]))).to(self.device, torch.float32)
             self.dXXt += (xf - xq).T @ xq
         self.tokens += xq.shape[0]
 
     def hessian(self) -> torch.Tensor:
         """(2/N) Σ x xᵀ in float32."""
-        return (self.H * (2.0 / max(self.tokens, 1))).float()
+        return self.H * (2.0 / max(self.tokens, 1))
 
     def residual(self) -> torch.Tensor | None:
         """(2/N) Σ (x_fp − x_q) x_qᵀ in float32, or None without a float stream."""
-        return None if self.dXXt is None else (self.dXXt * (2.0 / max(self.tokens, 1))).float()
+        return None if self.dXXt is None else self.dXXt * (2.0 / max(self.tokens, 1))
