@@ -19,6 +19,7 @@ from . import targets
 from .analysis import block_index, linear_layers
 from .attention import attention_blocks
 from .io import load_model
+from .passes.metadata import read_provenance
 
 SCHEMA_VERSION = 1
 MS_DOMAIN = "com.microsoft"
@@ -58,6 +59,7 @@ class Layer:
 
     @property
     def bytes_fp32(self) -> int:
+        """Size of the same weight in fp32."""
         return self.k * self.n * 4
 
     def to_dict(self) -> dict:
@@ -311,8 +313,6 @@ def _summary(model: onnx.ModelProto, path: Path, layers: list[Layer]) -> dict:
     structure = _structure(model, layers)
     params = _parameters(model, layers)
     external = _external_files(model, path)
-    from .passes.metadata import read_provenance
-
     return {
         "schema_version": SCHEMA_VERSION,
         "path": str(path),
