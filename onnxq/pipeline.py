@@ -81,7 +81,8 @@ def quantize(
     output = Path(output)
     if output.resolve() == Path(path).resolve():
         raise OnnxqError(f"output {output} is the input model: choose another -o path")
-    proto = normalize(load_model(path))
+    head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
+    proto = normalize(load_model(path), keep_tied=head_kept)  # a float tied head stays shared with the embedding
     layers = select_layers(proto, recipe)
     if windows is None:
         text = load_text(calib)

@@ -14,18 +14,19 @@ from onnxq.io import restore_weights, strip_weights
 LINEAR_OPS = ("MatMul", "Gemm")
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+def normalize(model: onnx.ModelProto, *, keep_tied: bool = False) -> onnx.ModelProto:
     """Make every linear layer MatMul(X, initializer W[K, N]), in place (weights must be loaded); returns `model`.
 
     Constant/Transpose-fed weights become initializers under the name of the tensor they replace. Gemm (transA=0)
     becomes MatMul (+ Add for C), transB/alpha folded into W and beta into a constant C, named "…/Gemm" -> "…/MatMul".
     Other Gemms (transA=1, non-constant B, non-constant C with beta != 1) stay. Node names are kept (unnamed linear
-    nodes get one); unused initializers are dropped; shape inference runs once.
+    nodes get one); unused initializers are dropped; shape inference runs once. With `keep_tied`, a weight that is a
+    Transpose of an initializer other nodes also read (a tied LM head) stays shared instead of being copied.
     """
     graph = model.graph
     names = Names(graph)
     inits = {t.name: t for t in graph.initializer}
-    _materialize_weights(graph, inits)
+    _materialize_weights(graph, inits, keep_tied)
     nodes = []
     for node in graph.node:
         if node.op_type in LINEAR_OPS and not node.name:
@@ -60,13 +61,20 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _materialize_weights(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> None:
+def _materialize_weights(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], keep_tied: bool) -> None:
     """Turn constant MatMul/Gemm inputs B and C that a Constant or Transpose node produces into initializers."""
     producers = {out: n for n in graph.node for out in n.output}
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
     for node in list(graph.node):
         if node.op_type not in LINEAR_OPS:
             continue
         for name in node.input[1:3]:
+            src = producers.get(name)
+            if keep_tied and src is not None and src.op_type == "Transpose" and readers.get(src.input[0], 0) > 1:
+                continue
             value = None if not name or name in inits else _constant(name, inits, producers)
             if value is not None:
                 graph.node.remove(producers.pop(name))

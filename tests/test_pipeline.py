@@ -87,3 +87,16 @@ def test_cli_bad_input(llama, tmp_path, args, needle):
     assert "Traceback" not in res.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+def test_tied_head_stays_shared(tmp_path):
+    """With lm_head excluded, a Transpose-fed tied head keeps reading the embedding instead of a float copy."""
+    from onnxq.passes.normalize import normalize
+    from tests.tiny import tiny_gpt2_onnx
+
+    src = onnx.load(tiny_gpt2_onnx(tmp_path, constant_folding=False))
+    before = sum(np.prod(t.dims) for t in src.graph.initializer)
+    kept = normalize(onnx.load(tiny_gpt2_onnx(tmp_path, constant_folding=False)), keep_tied=True)
+    copied = normalize(onnx.load(tiny_gpt2_onnx(tmp_path, constant_folding=False)))
+    size = lambda m: sum(np.prod(t.dims) for t in m.graph.initializer)  # noqa: E731
+    assert size(kept) <= before < size(copied)
