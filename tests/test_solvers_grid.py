@@ -80,3 +80,25 @@ def test_errors():
         find_grid(torch.randn(4, 8), QuantSpec(4, -1, False), "bogus")
     with pytest.raises(OnnxqError):
         QuantSpec(4, 0, False)
+
+
+def test_hessian_grid_top_k_prefilter():
+    """The diagonal pre-filter keeps the exact search when top_k covers all candidates and stays close otherwise."""
+    from onnxq.solvers import hessian_weighted_grid
+    from onnxq.solvers.grid import fake_quant
+
+    torch.manual_seed(0)
+    X = torch.randn(512, 64, dtype=torch.float64) @ (torch.eye(64, dtype=torch.float64) + 0.3 * torch.randn(64, 64, dtype=torch.float64))
+    H = X.T @ X / 512
+    W = torch.randn(12, 64, dtype=torch.float64)
+    spec = QuantSpec(3, 32, False)
+    exact = hessian_weighted_grid(W, H, spec)
+    every = hessian_weighted_grid(W, H, spec, top_k=200)
+    assert all(torch.equal(a, b) for a, b in zip(exact, every))
+
+    def loss(S, Z):
+        Q = torch.cat([fake_quant(W[:, g * 32:(g + 1) * 32], S[:, g:g + 1], Z[:, g:g + 1], spec.maxq)[0] for g in range(2)], 1)
+        D = Q - W
+        return sum(float((D[:, g * 32:(g + 1) * 32] @ H[g * 32:(g + 1) * 32, g * 32:(g + 1) * 32] * D[:, g * 32:(g + 1) * 32]).sum()) for g in range(2))
+
+    assert loss(*hessian_weighted_grid(W, H, spec, top_k=32)) <= 1.02 * loss(*exact)

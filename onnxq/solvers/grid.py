@@ -122,14 +122,39 @@ def mse_grid(W: Tensor, spec: QuantSpec, *, grid: int = 100, maxshrink: float = 
     return _search(W, spec, cands, lambda d: d.abs().pow(norm).sum(-1))
 
 
-def hessian_weighted_grid(W: Tensor, H: Tensor, spec: QuantSpec, *, n_shrink: int = 100) -> tuple[Tensor, Tensor]:
+def hessian_weighted_grid(
+    W: Tensor, H: Tensor, spec: QuantSpec, *, n_shrink: int = 100, top_k: int | None = None
+) -> tuple[Tensor, Tensor]:
     """BoA / gso stage-1 search: p = 1 - k/100 (k < n_shrink), floor and ceil zero, score delta^T H[g,g] delta.
 
-    W [..., r, n], H [..., n, n] (leading dims broadcast with W's); returns (scale, zero) [..., r, G]."""
+    W [..., r, n], H [..., n, n] (leading dims broadcast with W's); returns (scale, zero) [..., r, G]. With top_k,
+    candidates are first ranked by the diagonal score sum H_ii delta_i^2 and only the best top_k get the full score."""
     Hb = _hessian_blocks(H.to(W), spec.width(W.shape[-1]))
     rnds = [None] if spec.sym else [torch.floor, torch.ceil]
     cands = [(1 - k / 100, r) for k in range(n_shrink) for r in rnds]
-    return _search(W, spec, cands, lambda d: (torch.einsum("...rgi,...gij->...rgj", d, Hb) * d).sum(-1))
+    full = lambda d: (torch.einsum("...rgi,...gij->...rgj", d, Hb) * d).sum(-1)  # noqa: E731
+    if top_k is None or top_k >= len(cands):
+        return _search(W, spec, cands, full)
+    diag = Hb.diagonal(dim1=-2, dim2=-1)[..., None, :, :]  # [..., 1, G, gs] broadcast over rows
+    Wg = _grouped(W, spec.width(W.shape[-1]))
+    lo, hi = _ranges(Wg, spec.sym)
+    sz = [_candidate(lo, hi, p, spec, rnd) for p, rnd in cands]
+    S_all, Z_all = torch.stack([s for s, _ in sz]), torch.stack([z for _, z in sz])  # [C, ..., r, G]
+    cheap = torch.stack([((fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg) ** 2 * diag).sum(-1) for s, z in sz])
+    idx = cheap.topk(top_k, dim=0, largest=False).indices.sort(dim=0).values  # keep candidate order for ties
+    S_k, Z_k = S_all.gather(0, idx), Z_all.gather(0, idx)
+    best = S = Z = None
+    for s, z in zip(S_k, Z_k):
+        err = full(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
+        if best is None:
+            best, S, Z = err, s, z
+            continue
+        better = err < best
+        best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
+    return S, Z
+
+
+HESSIAN_TOP_K = 32  # candidates that get the full delta^T H delta score inside the solvers (see hessian_weighted_grid)
 
 
 def find_grid(W: Tensor, spec: QuantSpec, kind: str = "minmax", H: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -141,5 +166,5 @@ def find_grid(W: Tensor, spec: QuantSpec, kind: str = "minmax", H: Tensor | None
     if kind == "hessian":
         if H is None:
             raise OnnxqError("the 'hessian' grid needs a Hessian: use grid 'minmax' or 'mse' for RTN without calibration")
-        return hessian_weighted_grid(W, H, spec)
+        return hessian_weighted_grid(W, H, spec, top_k=HESSIAN_TOP_K)
     raise OnnxqError(f"unknown grid search {kind!r}: use one of {', '.join(GRIDS)}")
