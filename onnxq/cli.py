@@ -49,6 +49,7 @@ def export(
 @app.command()
 @_guarded
 def quantize(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=".onnx file, Hugging Face folder, or registry name (smollm2)"),
     output: Path = typer.Option(..., "-o", "--output", help="output .onnx path"),
     algo: str = typer.Option("gptq", help=f"solver: {', '.join(ALGORITHMS)}"),
@@ -68,17 +69,32 @@ def quantize(
     device: str = typer.Option("cpu", help="torch device for solvers: cpu or cuda"),
     ep: str = typer.Option("cpu", help="ORT execution provider for calibration"),
     seed: int = typer.Option(0, help="seed for calibration window sampling"),
+    target: Optional[str] = typer.Option(
+        None, help="execution provider the output must run on (cpu, cuda, web, webgpu, openvino, dml, qnn, webnn, "
+        "tensorrt): format, group and accuracy_level default to what it runs; combinations it cannot run are refused"),
     eval: bool = typer.Option(False, "--eval", help="evaluate float vs quantized afterwards and print the table"),
     report: Optional[Path] = typer.Option(None, help="write the report as <report>.json and <report>.md"),
 ) -> None:
     """Quantize the linear layers of a model and write MatMulNBits or QDQ."""
     from .pipeline import quantize as run_quantize
 
+    if target:  # options left at their defaults take the target's choice (onnxq/targets.py)
+        from .targets import advise, choose, support
+
+        default = lambda name: getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"  # noqa: E731
+        chosen_format, chosen_level = choose(target, bits)
+        format = chosen_format if default("format") else format
+        accuracy_level = chosen_level if default("accuracy_level") else accuracy_level
+        group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, format=format, grid=grid, damp=damp, act_order=act_order,
         refine_scales=refine_scales, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
-        accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device,
+        accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()
+    if target:
+        console.print(f"target {support(target).name}: {format}, {bits}-bit, group {group}, accuracy_level {accuracy_level}")
+        for warning in advise(target, bits, format, group, accuracy_level=accuracy_level):
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     qrep = run_quantize(model, recipe, output, calib=calib, ep=ep)
     console.print(
         f"wrote {qrep.output}: {qrep.layers} layers, {qrep.calib_tokens} calibration tokens, "

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from tqdm import tqdm
 
 from . import __version__
 from .analysis import LinearLayer, linear_layers, partition
 from .errors import OnnxqError
+from .io import read_array
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
@@ -49,6 +49,11 @@ def select_layers(model: onnx.ModelProto, recipe: QuantRecipe) -> list[LinearLay
         l for l in linear_layers(model) if not any(p.search(l.node) or p.search(l.role) for p in pats)
     ]
     if not chosen:
+        inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+        fed = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1:2] and n.input[1] in inputs]
+        if fed:
+            raise OnnxqError(f"MatMul weights are graph inputs, not constants (e.g. {fed[0]!r}): export the model "
+                             "with its weights as initializers")
         raise OnnxqError("no quantizable MatMul with a constant weight found: check the model or relax --exclude")
     return chosen
 
@@ -67,7 +72,7 @@ def quantize(
 
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
-    from .io import load_model, save_model_atomic
+    from .io import check_external_data, check_output_path, load_model, load_tensor_data, save_model_atomic
     from .models.export import load_tokenizer, resolve_model
     from .passes.metadata import add_provenance
     from .passes.normalize import normalize
@@ -79,10 +84,14 @@ def quantize(
     torch.manual_seed(recipe.seed)
     path = resolve_model(str(model))
     output = Path(output)
-    if output.resolve() == Path(path).resolve():
-        raise OnnxqError(f"output {output} is the input model: choose another -o path")
+    # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
+    proto = load_model(path, load_weights=False)
+    folder = str(Path(path).parent)
+    check_external_data(proto, path)
+    check_output_path(output, path, proto)
+    load_tensor_data(_normalize_reads(proto), folder)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
-    proto = normalize(load_model(path), keep_tied=head_kept)  # a float tied head stays shared with the embedding
+    proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
     layers = select_layers(proto, recipe)
     if windows is None:
         text = load_text(calib)
@@ -93,9 +102,10 @@ def quantize(
     for l in layers:
         if l.weight not in weights:
             raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
+        _check_finite(l, read_array(weights[l.weight], folder))  # before any calibration: fail fast
 
     in_blocks = [l for l in layers if l.block is not None]
-    runner = BlockRunner(proto, partition(proto), ep=ep)
+    runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
     attn_by_block: dict[int, list] = {}
@@ -118,9 +128,9 @@ def quantize(
         fake = {}
         for l in todo:
             bar.set_postfix_str(l.role)
-            W = torch.from_numpy(numpy_helper.to_array(weights[l.weight]).astype(np.float32)).T.contiguous()
+            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32, copy=False)).T.contiguous()
             res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
-            results[l.node] = res
+            results[l.node] = _compact(res)
             losses[l.node] = loss
             fake[l.weight] = res.qweight.T.cpu().numpy()
         solve_s += time.perf_counter() - ts
@@ -130,8 +140,9 @@ def quantize(
         calib_s += time.perf_counter() - tc
     for l in layers:
         if l.block is None:  # outside decoder blocks (e.g. an included lm_head): data-free RTN
-            W = torch.from_numpy(numpy_helper.to_array(weights[l.weight]).astype(np.float32)).T.contiguous()
-            results[l.node], losses[l.node] = solve_layer(l, W, None, recipe)
+            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32, copy=False)).T.contiguous()
+            res, losses[l.node] = solve_layer(l, W, None, recipe)
+            results[l.node] = _compact(res)
     out = _rewrite(proto, layers, results, recipe)
     info = {
         "version": __version__,
@@ -148,7 +159,7 @@ def quantize(
         "source": Path(path).name,
     }
     add_provenance(out, info)
-    save_model_atomic(out, output)
+    save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
     return QuantReport(
         model=str(path),
         output=str(output),
@@ -185,13 +196,37 @@ def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list,
     for cap in q_iter:
         cap_fp = next(f_iter) if f_iter is not None else {}
         for n, cov in stats.cov.items():
-            cov.add(cap[n], cap_fp.get(n))
+            try:
+                cov.add(cap[n], cap_fp.get(n))
+            except OnnxqError as err:
+                readers = ", ".join(l.node for l in todo if l.input == n)
+                raise OnnxqError(f"block {b}, input of {readers}: {err}") from None
         for acc in accs:
             acc.add(cap, cap_fp or None)
     if f_iter is not None:
         for _ in f_iter:
             pass
     return stats
+
+
+def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers normalize may rewrite (weights of Gemm, Transpose-fed weights): loaded before it runs."""
+    names = {t for n in model.graph.node if n.op_type in ("Gemm", "Transpose")
+             for t in (n.input[1:3] if n.op_type == "Gemm" else n.input[:1])}
+    return [t for t in model.graph.initializer if t.name in names]
+
+
+def _check_finite(layer: LinearLayer, w: np.ndarray) -> None:
+    """NaN/Inf weights would poison every solver: name the layer instead."""
+    if not np.isfinite(w).all():
+        bad = int(w.size - np.isfinite(w).sum())
+        raise OnnxqError(f"weight of layer {layer.node} has {bad} NaN/Inf values: fix the model (or --exclude the layer)")
+
+
+def _compact(res):
+    """A QuantResult holding only what the rewrite needs: codes as uint8 (bits <= 8), no fake-quant weight."""
+    return replace(res, qweight=torch.empty(0), codes=res.codes.to(torch.uint8).cpu(), scales=res.scales.cpu(),
+                   zeros=res.zeros.cpu())
 
 
 def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:

@@ -34,6 +34,7 @@ class QuantRecipe:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     device: str = "cpu"
+    target: str | None = None  # execution provider the output must run on (onnxq/targets.py), checked by validate()
 
     def validate(self) -> "QuantRecipe":
         """Raise OnnxqError on an unsupported setting; return self."""
@@ -57,6 +58,12 @@ class QuantRecipe:
             raise OnnxqError("rows per block must be >= 1")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
+        if self.target is not None:
+            from .targets import check
+
+            problems = check(self.target, self.bits, self.format, self.group_size, accuracy_level=self.accuracy_level)
+            if problems:
+                raise OnnxqError(f"target {problems[0]}")
         return self
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.analysis import Partition
+from onnxq.io import load_tensor_data
 from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
 
 from .session import make_session, model_feeds
@@ -18,10 +19,14 @@ Env = dict[str, np.ndarray]
 class BlockRunner:
     """Streams calibration batches through the stem and then block by block, holding only live tensors."""
 
-    def __init__(self, model: onnx.ModelProto, part: Partition, *, ep: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, model: onnx.ModelProto, part: Partition, *, ep: str = "cpu", threads: int | None = None,
+        folder: str | None = None,
+    ):
         self.model = model
         self.ep = ep
         self.threads = threads
+        self.folder = folder  # where initializers still on disk (lazily loaded model) are read from, piece by piece
         self.types = tensor_types(model)
         self.stem, self.blocks = split_model(model, part)
 
@@ -75,4 +80,7 @@ class BlockRunner:
         return live
 
     def _piece(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None, weights=None) -> onnx.ModelProto:
-        return build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)
+        piece = build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)
+        if self.folder is not None:  # only this piece's weights are read into memory
+            load_tensor_data(piece.graph.initializer, self.folder)
+        return piece

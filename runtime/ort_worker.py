@@ -6,8 +6,9 @@ lives in its own venv because `onnxruntime-openvino` installs the same `onnxrunt
     python ort_worker.py JOB.json RESULT.npz
 
 JOB: {"model", "providers": [name or [name, {options}]], "inputs": {name: file.npy}, "timing": {name: file.npy},
-"outputs": [names] | null, "warmup", "runs", "threads"}. RESULT.npz holds the outputs as `out:<name>` arrays and a
-`meta` JSON string (versions, providers, create/run times in ms, node placement).
+"outputs": [names] | null, "warmup", "runs", "threads", "config": {session config key: value}}. RESULT.npz holds
+the outputs as `out:<name>` arrays and a `meta` JSON string (versions, providers, create/run times in ms, node
+placement).
 """
 from __future__ import annotations
 
@@ -20,12 +21,16 @@ import onnxruntime as ort
 
 
 def run(model: str, providers: list, inputs: dict[str, np.ndarray], *, timing: dict[str, np.ndarray] | None = None,
-        outputs: list[str] | None = None, warmup: int = 1, runs: int = 3, threads: int | None = None) -> dict:
-    """Create a session on `providers`, run `inputs` once (outputs kept), then time `runs` runs of `inputs` and of
-    `timing` (a second feed, e.g. one token). Placement comes from ORT's graph assignment record, node by node."""
+        outputs: list[str] | None = None, warmup: int = 1, runs: int = 3, threads: int | None = None,
+        config: dict[str, str] | None = None) -> dict:
+    """Create a session on `providers` (with session `config` entries), run `inputs` once (outputs kept), then time
+    `runs` runs of `inputs` and of `timing` (a second feed, e.g. one token). Placement comes from ORT's graph
+    assignment record, node by node."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     t0 = time.perf_counter()
@@ -66,7 +71,7 @@ def main(argv: list[str]) -> int:
         load = lambda spec: {k: np.load(v) for k, v in (spec or {}).items()}  # noqa: E731
         out = run(job["model"], job["providers"], load(job["inputs"]), timing=load(job.get("timing")) or None,
                   outputs=job.get("outputs"), warmup=job.get("warmup", 1), runs=job.get("runs", 3),
-                  threads=job.get("threads"))
+                  threads=job.get("threads"), config=job.get("config"))
     except Exception as err:  # noqa: BLE001 - reported to the parent process as one line
         print(f"{type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

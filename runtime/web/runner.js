@@ -68,7 +68,7 @@ window.onnxqRun = async (req) => {
   const saved = {log: console.log, warn: console.warn, error: console.error, info: console.info};
   if (req.verbose) Object.assign(console, {log: keep('log'), warn: keep('warn'), error: keep('error'), info: keep('info')});
   try {
-    ort.env.wasm.numThreads = req.threads || 1;
+    if (req.threads) ort.env.wasm.numThreads = req.threads;  // else onnxruntime-web's default
     ort.env.logLevel = 'warning';
     const ep = req.ep === 'webgpu' ? ['webgpu'] : ['wasm'];
     const options = {executionProviders: ep, graphOptimizationLevel: 'all', logSeverityLevel: req.verbose ? 0 : 3,
@@ -91,7 +91,7 @@ window.onnxqRun = async (req) => {
     const tokenMs = req.timing ? await timeRuns(session, feeds(req.timing), req.warmup ?? 1, req.runs ?? 3) : [];
     await session.release();
     return {ok: true, ortVersion: ort.env.versions ? ort.env.versions.web : '', ep: ep[0],
-            threads: ort.env.wasm.numThreads, crossOriginIsolated: self.crossOriginIsolated,
+            threads: ep[0] === 'wasm' ? ort.env.wasm.numThreads ?? null : null, crossOriginIsolated: self.crossOriginIsolated,
             createMs, firstMs, runMs, tokenMs, outputs, logs: logs.filter(keepLine)};
   } catch (e) {
     return {ok: false, error: String(e && e.message ? e.message : e), logs: logs.filter(keepLine)};
