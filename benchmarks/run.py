@@ -1,24 +1,66 @@
 """Side-by-side benchmark: onnxq solvers vs ONNX Runtime's quantizer on the same model, text and machine.
 
-    python -m benchmarks.run --suite issue2 [--out benchmarks/results]
+    python -m benchmarks.run --suite quick [--update-readme]     # every setting, ORT without GPTQ (hours on 2 cores)
+    python -m benchmarks.run --suite full                         # + all onnxq solvers everywhere, ORT GPTQ (~30 min each)
+    python -m benchmarks.run --suite smoke                        # tiny random Llama built in code, seconds (CI)
+    python -m benchmarks.run --suite issue2 | issue3              # the earlier issue suites (no latency)
 
-Every job runs in its own process (wall time and peak RSS are its own); every model is scored by the same
-perplexity code on the same windows (SOTU 2017-2021, first 4096 tokens, 512-token windows, ORT CPU).
+Every quantization runs in its own process (`benchmarks.job`: its wall time and peak RSS are its own; a crash or a
+refusal becomes the row's error, first line of the exception). Every model is then scored here by the same code:
+perplexity on the same windows (`onnxq.runtime.evaluate.perplexity`), bits per weight with scales and zero points
+(`onnxq.inspect`), file size, and, for suites with latency, prefill/decode speed on the with-past export into which
+the quantized layers are moved (`benchmarks.latency`). Results: benchmarks/results/<date>-<suite>.{md,json,png}.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 W = dict(sym=False, format="nbits")
+# bits, group size (-1 = per channel): the settings of issue 8
+SETTINGS = [(8, 128), (4, 32), (4, 64), (4, 128), (3, 128), (2, 64), (2, -1)]
+ORT_FAST = ("default", "rtn", "k_quant", "hqq")  # data-free, seconds to minutes
+ONNXQ = [dict(algo="rtn"), dict(algo="gptq"), dict(algo="boa"), dict(algo="turboboa"), dict(algo="gptq", refine_scales=True)]
+
+
+def _onnxq(algo: dict, bits: int, group: int, **kw) -> dict:
+    return dict(tool="onnxq", **algo, bits=bits, group_size=group, **{**W, **kw})
+
+
+def _ort(method: str, bits: int, group: int, **kw) -> dict:
+    return dict(tool="ort", ort_method=method, bits=bits, group_size=group, sym=False, exclude_lm_head=True, **kw)
+
+
+def _matrix(onnxq_everywhere: list[dict], onnxq_w4_w2: list[dict], ort_methods: tuple[str, ...]) -> list[dict]:
+    """Per setting: onnxq solvers (some only at W4 g128 / W2 g64), then the ORT methods; then the QDQ forms."""
+    rows = []
+    for b, g in SETTINGS:
+        rows += [_onnxq(a, b, g) for a in onnxq_everywhere]
+        if (b, g) in ((4, 128), (2, 64)):
+            rows += [_onnxq(a, b, g) for a in onnxq_w4_w2]
+        rows += [_ort(m, b, g) for m in ort_methods]
+    rows += [_onnxq(dict(algo="gptq"), 4, 128, format="qdq"), _ort("default", 4, 128, quant_format="qdq")]
+    return rows
+
+
 SUITES: dict[str, list[dict]] = {
-    "smoke": [dict(tool="onnxq", algo="rtn", bits=4, group_size=32, **W)],
+    "smoke": [
+        dict(tool="onnxq", algo="rtn", bits=4, group_size=32, **W),
+        _ort("default", 4, 32),
+        _ort("default", 3, 32),  # ORT refuses: the row must carry the error's first line
+        _ort("gptq", 2, 32),  # known from ORT's source to have no 2-bit path: not run
+    ],
     "issue2": [
         dict(tool="ort", ort_method="default", bits=4, group_size=128, sym=False),
         dict(tool="ort", ort_method="hqq", bits=4, group_size=128, sym=False),
@@ -33,15 +75,34 @@ SUITES: dict[str, list[dict]] = {
         for a in ("rtn", "gptq", "boa", "turboboa")
     ]
     + [dict(tool="onnxq", algo="turboboa", bits=4, group_size=128, **W)],
+    # quick: rtn and gptq at every setting, the attention-aware solvers and gso where they matter, ORT without GPTQ
+    "quick": _matrix(ONNXQ[:2], ONNXQ[2:], ORT_FAST),
+    # full: every onnxq solver at every setting, and ORT's GPTQ (about 30 min per run on SmolLM2, 2 cores)
+    "full": _matrix(ONNXQ, [], ORT_FAST + ("gptq",)),
 }
+
+# Per-suite options; suites not listed run without latency on the default model (as issue2/issue3 always did).
+LATENCY = dict(prefill=512, context=128, decode=32, warmup=1, repeats=5)
+OPTIONS: dict[str, dict] = {
+    "smoke": dict(model="tiny", latency=dict(prefill=32, context=16, decode=8, warmup=1, repeats=3),
+                  eval_seq=32, eval_windows=4, calib_seq=32, calib_windows=8,
+                  variants=["onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym"]),
+    "quick": dict(latency=LATENCY, variants=["onnxq:gptq W4 g128 asym", "onnxq:gptq W4 g128 asym qdq",
+                                             "ort:default W4 g128 asym", "ort:default W4 g128 asym qdq"]),
+    "full": dict(latency=LATENCY, variants=["onnxq:gptq W4 g128 asym", "onnxq:gptq W4 g128 asym qdq",
+                                            "ort:default W4 g128 asym", "ort:default W4 g128 asym qdq"]),
+}
+DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=32, variants=[])
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def label(cfg: dict) -> str:
-    """Row label: tool/algorithm and setting."""
+    """Row label: tool/algorithm and setting (QDQ outputs end in ' qdq')."""
     algo = cfg.get("ort_method") or cfg.get("algo")
     g = "pc" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
     extra = "+gso" if cfg.get("refine_scales") else ""
-    return f"{cfg['tool']}:{algo}{extra} W{cfg['bits']} {g} {'sym' if cfg['sym'] else 'asym'}"
+    qdq = " qdq" if "qdq" in (cfg.get("format"), cfg.get("quant_format")) else ""
+    return f"{cfg['tool']}:{algo}{extra} W{cfg['bits']} {g} {'sym' if cfg['sym'] else 'asym'}{qdq}"
 
 
 def versions() -> dict:
@@ -52,73 +113,404 @@ def versions() -> dict:
 
     import onnxq
 
-    return {"onnxq": onnxq.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "torch": torch.__version__, "python": platform.python_version()}
+    out = {"onnxq": onnxq.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+           "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        import matplotlib
+
+        out["matplotlib"] = matplotlib.__version__
+    except ImportError:
+        pass
+    return out
 
 
-def main() -> None:
+def machine(ep: str) -> str:
+    """CPU model, cores, memory, execution provider and the load when the run started."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, AttributeError):
+        pass
+    load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} CPU cores{mem}, {platform.system()}; EP {ep}{load}"
+
+
+# ---- models and token windows ------------------------------------------------------------------------------------
+
+
+class ByteTokens:
+    """UTF-8 bytes as token ids: real text for the tiny 256-token models of the smoke suite (no tokenizer)."""
+
+    def __call__(self, text, add_special_tokens=False, verbose=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def tiny_models(work: Path) -> tuple[Path, Path]:
+    """The smoke suite's model: `tests.tiny.tiny_llama()` (random, vocab 256) exported without and with past."""
+    from onnxq.models.export import export_onnx
+    from tests.tiny import tiny_llama
+
+    hf = work / "tiny-llama-hf"
+    if not (hf / "config.json").is_file():
+        tiny_llama().save_pretrained(hf)
+    return export_onnx(hf, work / "tiny-llama"), export_onnx(hf, work / "tiny-llama-past", with_past=True)
+
+
+def models(opts: dict, args, work: Path):
+    """(float no-past model, float with-past model or None, tokenizer)."""
+    from onnxq.models.export import export_onnx, load_tokenizer, resolve_model
+
+    if opts["model"] == "tiny":
+        plain, past = tiny_models(work)
+        return plain, past, ByteTokens()
+    model = resolve_model(args.model)
+    past = None
+    if opts["latency"]:
+        if args.past_model:
+            past = Path(args.past_model)
+        elif not Path(args.model).suffix and not Path(args.model).is_dir():  # a registry name: export with past
+            past = export_onnx(args.model, with_past=True)
+    return model, past, load_tokenizer(model)
+
+
+def weight_stats(path: Path) -> dict:
+    """Bits per weight of the quantized layers (scales, zero points and padding included) and of all weights."""
+    from onnxq.inspect import inspect_model
+
+    info = inspect_model(path)
+    layers = list({l["weight"]: l for l in info["layers"]}.values())  # a tied weight counts once
+    quant = [l for l in layers if l["format"] != "float"]
+    params_q = sum(l["k"] * l["n"] for l in quant)
+    params = sum(l["k"] * l["n"] for l in layers)
+    return {
+        "bpw": round(sum(l["bytes"] for l in quant) * 8 / params_q, 3) if params_q else 32.0,
+        "bpw_all_weights": round(sum(l["bytes"] for l in layers) * 8 / params, 3) if params else None,
+        "quantized_params": params_q,
+        "quantized_share": round(params_q / params, 4) if params else 0.0,
+        "formats": sorted({l["format"] for l in quant}),
+        "accuracy_level": sorted({l["accuracy_level"] or 0 for l in quant if l["format"] == "MatMulNBits"}),
+    }
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def run_job(cfg: dict, model: Path, out: Path, *, calib_npy: Path, ep: str) -> dict:
+    """Quantize in a child process; returns the job's JSON ({"error": ...} on failure)."""
+    job_cfg = {**cfg, "calib_npy": str(calib_npy), "ep": ep}
+    result = out.with_suffix(".job.json")
+    result.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.job", json.dumps(job_cfg), str(model), str(out)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if result.is_file():
+        job = json.loads(result.read_text())
+        if proc.returncode == 0 or "error" in job:
+            return job
+    if proc.returncode < 0:
+        return {"error": f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")}
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return {"error": (lines or [f"exit status {proc.returncode}"])[-1][:300]}
+
+
+def score(row: dict, path: Path, windows: np.ndarray, ep: str) -> None:
+    """PPL, size and bits per weight of a model file, into `row`."""
+    from onnxq.runtime.evaluate import file_size, perplexity
+
+    row["ppl"] = round(perplexity(path, windows, ep), 3)
+    row["size_mb"] = round(file_size(path) / 2**20, 2)
+    row.update(weight_stats(path))
+
+
+def latency_of(row: dict, quant: Path | None, past: Path, lat: dict, ep: str, threads, tokens, keep: bool) -> None:
+    """Latency of `quant` moved into the with-past export (or of `past` itself for the float row), into `row`."""
+    from benchmarks import latency as L
+    from benchmarks.job import first_line
+
+    target = past if quant is None else quant.with_name(quant.stem + "-past.onnx")
+    try:
+        if quant is not None:
+            row["transplant"] = L.transplant(quant, past, target)
+            row["transplant_rel_l2"] = L.check_transplant(quant, target, tokens[None, :16], ep=ep)
+        row["latency"] = L.measure(target, ep=ep, threads=threads, tokens=tokens, **lat)
+    except Exception as err:  # a latency failure must not lose the row's other numbers
+        row["latency_error"] = first_line(err)
+    finally:
+        if quant is not None and not keep:
+            _drop(target)
+
+
+def _drop(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+
+
+def variants(row: dict, quant: Path, past: Path, windows: np.ndarray, lat: dict, ep: str, threads, tokens) -> list[dict]:
+    """The same quantized weights run differently: MatMulNBits accuracy_level 0 vs 4; QDQ with ORT's
+    DQ→MatMulNBits fusion (default) vs without it."""
+    from benchmarks import latency as L
+    from benchmarks.job import first_line
+    from onnxq.runtime.evaluate import perplexity
+
+    out = []
+    moved = quant.with_name(quant.stem + "-past.onnx")
+    try:
+        L.transplant(quant, past, moved)
+        if "MatMulNBits" in row.get("formats", []):
+            for level in (0, 4):
+                v = {"label": row["label"], "form": f"MatMulNBits, accuracy_level {level}"}
+                q_acc = quant.with_name(f"{quant.stem}-acc{level}.onnx")
+                p_acc = quant.with_name(f"{quant.stem}-acc{level}-past.onnx")
+                L.restamp(quant, q_acc, level)
+                L.restamp(moved, p_acc, level)
+                v["ppl"] = round(perplexity(q_acc, windows, ep), 3)
+                v["latency"] = L.measure(p_acc, ep=ep, threads=threads, tokens=tokens, **lat)
+                _drop(q_acc)
+                _drop(p_acc)
+                out.append(v)
+        elif "DQ→MatMul" in row.get("formats", []):
+            for name, off in (("DQ→MatMul, fused to MatMulNBits by ORT (default)", None),
+                              ("DQ→MatMul, fusion off (DQMatMulToMatMulNBits disabled)", ["DQMatMulToMatMulNBits"])):
+                v = {"label": row["label"], "form": name, "ppl": row["ppl"] if off is None else None}
+                v["latency"] = L.measure(moved, ep=ep, threads=threads, tokens=tokens, disabled_optimizers=off, **lat)
+                out.append(v)
+    except Exception as err:
+        out.append({"label": row["label"], "form": "failed", "error": first_line(err)})
+    finally:
+        _drop(moved)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", default="issue2", choices=sorted(SUITES))
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="smollm2", help="registry name, .onnx file or HF folder (smoke: built in code)")
+    ap.add_argument("--past-model", help="float export with past of the same model, for latency (a registry model "
+                    "is exported with past automatically)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default=os.environ.get("ONNXQ_BENCH_WORK", "/tmp/onnxq-bench"))
-    ap.add_argument("--only", default="", help="substring filter on row labels")
-    args = ap.parse_args()
+    ap.add_argument("--only", default="", help="run only rows whose label contains this")
+    ap.add_argument("--skip", default="", help="skip rows whose label contains this")
+    ap.add_argument("--ep", default="cpu", help="execution provider for calibration, perplexity and latency (cpu, cuda)")
+    ap.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: ORT's choice)")
+    ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure latency (default: on for smoke/quick/full)")
+    ap.add_argument("--repeats", type=int, help="latency repeats (default 5; smoke 3)")
+    ap.add_argument("--keep", action="store_true", help="keep the with-past copies of the quantized models")
+    ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
+    ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
+    ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
 
-    from onnxq.models.export import load_tokenizer, resolve_model
-    from onnxq.recipe import QuantRecipe
-    from onnxq.runtime.evaluate import file_size, perplexity
+    from onnxq.errors import OnnxqError
+    from onnxq.runtime.session import providers_for
+
+    try:
+        providers_for(args.ep)  # fail here, in one line, before any work
+    except OnnxqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args)
+    except OnnxqError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from onnxq.textdata import load_text, token_windows
 
-    model = resolve_model(args.model)
+    opts = {**DEFAULTS, **OPTIONS.get(args.suite, {})}
+    lat = dict(opts["latency"]) if opts["latency"] else None
+    if args.latency is False:
+        lat = None
+    elif args.latency and lat is None:
+        lat = dict(LATENCY)
+    if lat and args.repeats:
+        lat["repeats"] = args.repeats
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    windows = token_windows(load_tokenizer(model), load_text("sotu-eval"), 512, 8)
+    model, past, tok = models({**opts, "latency": lat}, args, work)
+    if lat and past is None:
+        print("note: no with-past model (give --past-model): latency is not measured", file=sys.stderr)
+        lat = None
+    eval_text = load_text("sotu-eval")
+    windows = token_windows(tok, eval_text, opts["eval_seq"], opts["eval_windows"])
+    calib = token_windows(tok, load_text("sotu-calib"), opts["calib_seq"], opts["calib_windows"], seed=0, random=True)
+    calib_npy = work / f"{args.suite}-calib.npy"
+    np.save(calib_npy, calib)
+    lat_tokens = np.asarray(tok(eval_text[-20000:])["input_ids"], dtype=np.int64)
     date = dt.date.today().isoformat()
     stem = Path(args.out) / f"{date}-{args.suite}"
-    rows = [{"label": "float (fp32 export)", "ppl": round(perplexity(model, windows), 3), "size_mb": round(file_size(model) / 2**20, 1)}]
-    print(rows[-1], flush=True)
+    head = header(args, opts, lat, model, past, windows, calib)
+    rows = [{"label": "float (fp32 export)", "tool": "float"}]
+    score(rows[0], model, windows, args.ep)
+    rows[0]["bpw"] = 32.0
+    if lat:
+        latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
+    _print(rows[0])
+    extra: list[dict] = []
+    wanted = set(opts["variants"])
     for i, cfg in enumerate(SUITES[args.suite]):
-        if args.only and args.only not in label(cfg):
+        name = label(cfg)
+        if (args.only and args.only not in name) or (args.skip and args.skip in name):
             continue
         out = work / f"{args.suite}-{i}.onnx"
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.job", json.dumps(cfg), str(model), str(out)],
-                              capture_output=True, text=True)
-        row = {"label": label(cfg), **cfg}
-        if proc.returncode != 0:
-            row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        else:
-            job = json.loads(out.with_suffix(".job.json").read_text())
-            row.update(job, ppl=round(perplexity(out, windows), 3), size_mb=round(file_size(out) / 2**20, 1))
+        row = {"label": name, **cfg}
+        job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep)
+        row.update(job)
+        if "error" not in job:
+            try:
+                score(row, out, windows, args.ep)
+            except Exception as err:  # e.g. a file ORT cannot load: the row says so, the suite goes on
+                from benchmarks.job import first_line
+
+                row["error"] = f"evaluation failed: {first_line(err)}"
+            if lat and "error" not in row:
+                latency_of(row, out, past, lat, args.ep, args.threads, lat_tokens, args.keep)
+                if name in wanted:
+                    extra += variants(row, out, past, windows, lat, args.ep, args.threads, lat_tokens)
         rows.append(row)
-        print({k: row.get(k) for k in ("label", "ppl", "size_mb", "seconds", "peak_rss_mb", "error")}, flush=True)
-        write(stem, args, rows, model, QuantRecipe())
+        _print(row)
+        write(stem, head, rows, extra)
+    write(stem, head, rows, extra)
+    if args.plot:
+        from benchmarks.plot import plot
+
+        plot(stem.with_suffix(".json"), stem.with_suffix(".png"))
+    if args.update_readme:
+        update_readme(Path(args.readme), stem)
+    print(f"wrote {stem}.md / .json" + (" / .png" if args.plot else ""))
+    return 0
 
 
-def write(stem: Path, args, rows: list[dict], model: Path, recipe) -> None:
-    """Markdown table and JSON with the header facts (machine, versions, tokens, command)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
+def header(args, opts, lat, model, past, windows, calib) -> dict:
+    """The facts a reader needs to reproduce or discount the numbers."""
+    argv = ["--suite", args.suite] + sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in (
+        ("model", args.model if args.model != "smollm2" else None), ("only", args.only or None),
+        ("skip", args.skip or None), ("ep", args.ep if args.ep != "cpu" else None), ("threads", args.threads),
+        ("repeats", args.repeats)) if v is not None), [])
+    if args.latency is not None:
+        argv.append("--latency" if args.latency else "--no-latency")
+    text = "random tiny Llama (tests.tiny.tiny_llama), UTF-8 bytes as tokens" if opts["model"] == "tiny" else "tokenizer of the model"
     head = {
-        "command": f"python -m benchmarks.run --suite {args.suite}" + (f" --only '{args.only}'" if args.only else ""),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
+        "command": "python -m benchmarks.run " + shlex.join(argv),
+        "date": dt.datetime.now().isoformat(timespec="minutes"),
+        "machine": machine(args.ep),
         "versions": versions(),
         "model": str(model),
-        "eval": "SOTU 2017-2021, first 4096 tokens, 8 non-overlapping 512-token windows, ORT CPU EP",
-        "calibration": f"SOTU 1990-2016, {recipe.calib_windows} random 512-token windows (seed {recipe.seed}) for onnxq; "
-                       "ORT RTN/HQQ use no calibration data",
+        "eval": f"SOTU 2017-2021, first {windows.size} tokens ({text}): {len(windows)} non-overlapping "
+                f"{windows.shape[1]}-token windows, {len(windows) * (windows.shape[1] - 1)} predicted tokens; ORT {args.ep} EP",
+        "calibration": f"SOTU 1990-2016, {len(calib)} random {calib.shape[1]}-token windows (seed 0) = {calib.size} "
+                       "tokens, the same windows for onnxq and ORT GPTQ; ORT default/RTN/k-quant/HQQ use no data",
+        "layers": "every decoder linear layer; lm_head and the embedding stay float for both tools (onnxq's default "
+                  "exclude; ORT rows of quick/full/smoke pass lm_head in nodes_to_exclude)",
+        "bpw": "bits per weight of the quantized layers from onnxq.inspect: stored codes + scales + zero points "
+               "(+ padding to whole blocks) × 8 / K·N",
+        "quant time": "wall time of one run of the quantizer in its own process, model load and save included "
+                      "(not repeated); peak RSS of that process",
     }
-    stem.with_suffix(".json").write_text(json.dumps({"header": head, "rows": rows}, indent=2))
+    if lat:
+        head["latency"] = (f"with-past export {past} with the quantized layers moved in (logits checked against the "
+                           f"quantized file); ORT {args.ep} EP, threads {args.threads or 'ORT default'}; prefill: one "
+                           f"{lat['prefill']}-token forward from an empty cache; decode: {lat['decode']} single-token "
+                           f"steps with KV cache after a {lat['context']}-token prompt, batch 1; {lat['warmup']} "
+                           f"warm-up + median of {lat['repeats']} repeats [min–max]")
+    return head
+
+
+def _print(row: dict) -> None:
+    keys = ("label", "ppl", "bpw", "size_mb", "seconds", "peak_rss_mb", "error", "latency_error")
+    short = {k: row.get(k) for k in keys if row.get(k) is not None}
+    if row.get("latency"):
+        short["decode_tok_s"] = row["latency"]["decode_tok_s"]["median"]
+        short["prefill_tok_s"] = row["latency"]["prefill_tok_s"]
+    print(short, flush=True)
+
+
+# ---- output ------------------------------------------------------------------------------------------------------
+
+
+def _num(x, fmt="{:.2f}") -> str:
+    return "" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _lat_cells(lat: dict | None) -> list[str]:
+    if not lat:
+        return ["", ""]
+    d = lat["decode_tok_s"]
+    p = lat["prefill_ms"]
+    rate = lambda ms: lat["prefill_tokens"] / ms * 1e3  # noqa: E731
+    return [f"{d['median']:.1f} [{d['min']:.1f}–{d['max']:.1f}]",
+            f"{lat['prefill_tok_s']:.0f} [{rate(p['max']):.0f}–{rate(p['min']):.0f}]"]
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The main Markdown table."""
     fp = rows[0]["ppl"]
-    lines = [f"# Benchmark `{args.suite}` ({stem.name})", ""] + [f"- {k}: {v}" for k, v in head.items()] + [
-        "", "| setting | PPL | Δ vs fp32 | size (MB) | quant time (s) | calib tokens | peak RSS (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | format | PPL | Δ vs fp32 | bits/weight | size (MB) | quant time (s) | peak RSS (MiB) "
+             "| decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error']} | | | | | |")
+            what = "not supported" if r.get("unsupported") else "failed"
+            err = r["error"].removeprefix("Unsupported: ").replace("|", "/")
+            lines.append(f"| {r['label']} | {what}: {err} | | | | | | | | |")
             continue
+        fmt = ", ".join(r.get("formats", [])) or "float"
+        if r.get("accuracy_level"):
+            fmt += f" acc {'/'.join(map(str, r['accuracy_level']))}"
+        lat = _lat_cells(r.get("latency"))
+        if r.get("latency_error"):
+            lat = [f"failed: {r['latency_error'].replace('|', '/')}", ""]
         d = "" if r is rows[0] else f"{r['ppl'] - fp:+.2f}"
-        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {d} | {r['size_mb']} | {r.get('seconds', '')} | {r.get('calib_tokens', '')} | {r.get('peak_rss_mb', '')} |")
+        lines.append(f"| {r['label']} | {fmt} | {_num(r['ppl'])} | {d} | {_num(r.get('bpw'), '{:.3f}')} "
+                     f"| {_num(r.get('size_mb'), '{:.1f}')} | {_num(r.get('seconds'), '{:.1f}')} "
+                     f"| {_num(r.get('peak_rss_mb'), '{:.0f}')} | {lat[0]} | {lat[1]} |")
+    return lines
+
+
+def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
+    """Markdown table and JSON with the header facts (machine, versions, tokens, command)."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"header": head, "rows": rows, "variants": extra}, indent=2))
+    lines = [f"# Benchmark `{head['command'].split('--suite ')[1].split()[0]}` ({stem.name})", ""]
+    lines += [f"- {k}: {v}" for k, v in head.items()] + [""] + table(rows)
+    if extra:
+        lines += ["", "Same weights, run differently (PPL on the same windows; latency as above):", "",
+                  "| setting | form | PPL | decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|"]
+        for v in extra:
+            if "error" in v:
+                lines.append(f"| {v['label']} | failed: {v['error']} | | | |")
+                continue
+            lat = _lat_cells(v.get("latency"))
+            lines.append(f"| {v['label']} | {v['form']} | {_num(v.get('ppl'))} | {lat[0]} | {lat[1]} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def update_readme(readme: Path, stem: Path) -> None:
+    """Replace the text between the README's bench markers with the latest table, its header facts and the plot."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"error: {readme} has no {README_START} … {README_END} section to fill")
+    data = json.loads(stem.with_suffix(".json").read_text())
+    head = data["header"]
+    rel = lambda p: os.path.relpath(p, readme.parent)  # noqa: E731
+    body = [f"`{head['command']}` ({head['date']}; {head['machine']}). Full header, variants and JSON: "
+            f"[{stem.name}.md]({rel(stem.with_suffix('.md'))}).", ""]
+    body += table(data["rows"])
+    if stem.with_suffix(".png").is_file():
+        body += ["", f"![PPL against bits per weight]({rel(stem.with_suffix('.png'))})"]
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + "\n".join(body) + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -59,9 +59,9 @@ def quantize(
     format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
     grid: str = typer.Option("mse", help="scale search: minmax, mse or hessian"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
-    calib_windows: int = typer.Option(32, help="number of calibration windows"),
+    calib_windows: int = typer.Option(16, help="number of calibration windows (x seq-len tokens)"),
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
-    act_order: bool = typer.Option(False, help="GPTQ act-order (static groups keep the layout)"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns by Hessian diagonal (default: on for gptq); static groups keep the layout"),
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
     exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
@@ -119,16 +119,48 @@ def eval_cmd(
     text: str = typer.Option("sotu-eval", help="evaluation text: sotu-eval, a .txt file or a folder"),
     tokens: int = typer.Option(4096, help="evaluate the first N tokens"),
     seq_len: int = typer.Option(512, help="window length (non-overlapping)"),
-    ep: str = typer.Option("cpu", help="ORT execution provider"),
-    report: Optional[Path] = typer.Option(None, help="write <report>.json and <report>.md"),
+    ep: str = typer.Option("cpu", help="ORT execution provider: cpu, cuda, ... (perplexity), or openvino, web-wasm, "
+                           "web-webgpu (edge check only; docs/edge.md)"),
+    edge: Optional[bool] = typer.Option(None, "--edge/--no-edge", help="edge check of the quantized (else float) model "
+                                        "on --ep: logits vs the CPU EP, ms/token, node placement (default: on for "
+                                        "openvino and web-*)"),
+    prompt_tokens: int = typer.Option(32, help="edge check: prompt length (first tokens of --text)"),
+    runs: int = typer.Option(5, help="edge check: timed runs (median reported)"),
+    threads: int = typer.Option(0, help="edge check: threads per runtime (0 = each runtime's default)"),
+    report: Optional[Path] = typer.Option(None, help="write <report>.json and <report>.md (edge check: <report>-edge.* "
+                                          "beside perplexity)"),
 ) -> None:
-    """Perplexity, size and output error of a float model and (optionally) its quantized version."""
-    from .report import evaluate
+    """Perplexity, size and output error of a float model and (optionally) its quantized version; with --edge (or an
+    edge --ep), how it runs on that execution provider. Exit 1 when the edge check fails."""
+    from .runtime.edge import EDGE_EPS
+    from .runtime.session import PROVIDERS
 
-    rep = evaluate(float_model, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
-    print(rep.markdown())
-    if report:
-        rep.save(report)
+    if ep not in PROVIDERS and ep not in EDGE_EPS:
+        raise OnnxqError(f"unknown execution provider {ep!r}: use one of {', '.join(dict.fromkeys([*PROVIDERS, *EDGE_EPS]))}")
+    edge_only = ep in ("openvino", "web-wasm", "web-webgpu")
+    rep = None
+    if not edge_only:
+        from .report import evaluate
+
+        rep = evaluate(float_model, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
+        print(rep.markdown())
+        if report:
+            rep.save(report)
+    if edge or (edge is None and edge_only):
+        from .models.export import load_tokenizer, resolve_model
+        from .runtime.edge import edge_eval
+        from .textdata import load_text, token_windows
+
+        if ep not in EDGE_EPS:
+            raise OnnxqError(f"the edge check runs on {', '.join(EDGE_EPS)}, not {ep!r}")
+        fpath = resolve_model(float_model)
+        prompt = token_windows(load_tokenizer(fpath), load_text(text), prompt_tokens, 1)
+        erep = edge_eval(quant_model or fpath, ep, prompt, threads=threads or None, runs=runs)
+        print(erep.markdown())
+        if report:
+            erep.save(report if rep is None else f"{report}-edge")
+        if not erep.ok:
+            raise typer.Exit(1)
 
 
 @app.command()

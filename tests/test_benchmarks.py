@@ -1,0 +1,152 @@
+"""The benchmark harness on a tiny model (seconds): job processes, scoring, latency with KV cache, plot, README."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import latency as L
+from benchmarks import run as R
+from benchmarks.job import first_line
+from benchmarks.plot import pareto, points
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One run of the smoke suite, README update included (on a copy of the README)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    shutil.copy(readme, tmp / "README.orig.md")
+    rc = R.main(["--suite", "smoke", "--out", str(tmp / "results"), "--work", str(tmp / "work"),
+                 "--update-readme", "--readme", str(readme)])
+    assert rc == 0
+    (json_path,) = (tmp / "results").glob("*-smoke.json")
+    return tmp, json.loads(json_path.read_text()), json_path, readme
+
+
+def _outside(text: str) -> str:
+    """The README without its benchmark section."""
+    return text[:text.index(R.README_START)] + text[text.index(R.README_END):]
+
+
+def _vm_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return math.inf
+
+
+def test_smoke_rows(smoke):
+    _, data, _, _ = smoke
+    rows = {r["label"]: r for r in data["rows"]}
+    assert list(rows) == ["float (fp32 export)", "onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym",
+                          "ort:default W3 g32 asym", "ort:gptq W2 g32 asym"]
+    fp = rows["float (fp32 export)"]
+    for name in ("float (fp32 export)", "onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym"):
+        r = rows[name]
+        assert "error" not in r and "latency_error" not in r, r
+        for key in ("ppl", "bpw", "size_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0
+        lat = r["latency"]
+        assert lat["prefill_tokens"] == 32 and lat["decode_tokens"] == 8 and lat["repeats"] == 3
+        assert 0 < lat["decode_tok_s"]["min"] <= lat["decode_tok_s"]["median"] <= lat["decode_tok_s"]["max"]
+        assert math.isfinite(lat["prefill_tok_s"]) and lat["prefill_tok_s"] > 0
+        if r is not fp:
+            assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
+            assert r["quantized_layers"] == 14 and r["formats"] == ["MatMulNBits"]
+            assert r["transplant"]["replaced"] == 14 and r["transplant_rel_l2"] < 1e-5
+            assert abs(r["ppl"] - fp["ppl"]) / fp["ppl"] < 0.05  # W4 g32 on a random model: nearly lossless
+            # 4-bit codes + fp32 scale + 4-bit zero point per 32 weights
+            assert r["bpw"] == pytest.approx(4 + (32 + 4) / 32, abs=1e-3)
+            # peak RSS is the job's own, not inherited from this (larger) process
+            assert r["peak_rss_mb"] < _vm_rss_mb()
+    assert rows["onnxq:rtn W4 g32 asym"]["accuracy_level"] == [4]
+    assert rows["ort:default W4 g32 asym"]["accuracy_level"] == [0]
+    assert rows["ort:default W3 g32 asym"]["error"] == "AssertionError: Only support 2, 4 or 8 bits quantization"
+    assert rows["ort:gptq W2 g32 asym"]["unsupported"] and rows["ort:gptq W2 g32 asym"]["error"].startswith("Unsupported:")
+
+
+def test_smoke_variants_and_outputs(smoke):
+    tmp, data, json_path, readme = smoke
+    forms = [(v["label"], v["form"]) for v in data["variants"]]
+    assert forms == [(lbl, f"MatMulNBits, accuracy_level {a}") for lbl in ("onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym")
+                     for a in (0, 4)]
+    for v in data["variants"]:
+        assert math.isfinite(v["ppl"]) and v["latency"]["decode_tok_s"]["median"] > 0
+    head = data["header"]
+    for key in ("command", "machine", "versions", "eval", "calibration", "latency"):
+        assert head[key]
+    assert head["command"] == "python -m benchmarks.run --suite smoke"
+    assert "128 tokens" in head["eval"] and "256 tokens" in head["calibration"]
+    png = json_path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = json_path.with_suffix(".md").read_text()
+    assert "| ort:default W3 g32 asym | failed: AssertionError: Only support 2, 4 or 8 bits quantization |" in md
+    assert "| ort:gptq W2 g32 asym | not supported: ORT GPTQ packs" in md
+    text = readme.read_text()
+    section = text[text.index(R.README_START):text.index(R.README_END)]
+    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 4 |" in section and png.name in section
+    assert text.count(R.README_START) == 1 and _outside(text) == _outside((tmp / "README.orig.md").read_text())
+    # the with-past copies are removed unless --keep
+    assert not list((tmp / "work").glob("*-past.onnx"))
+
+
+def test_cuda_fails_in_one_line(tmp_path, capsys):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert R.main(["--suite", "smoke", "--ep", "cuda", "--out", str(tmp_path), "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: execution provider 'cuda'") and "onnxruntime-gpu" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_latency_needs_past(smoke):
+    from onnxq.errors import OnnxqError
+
+    tmp, *_ = smoke
+    with pytest.raises(OnnxqError, match="with-past"):
+        L.measure(tmp / "work" / "tiny-llama" / "model.onnx", prefill=8, decode=2, context=4, repeats=1)
+
+
+def test_restamp_and_transplant_refusal(smoke, tmp_path):
+    from onnxq.errors import OnnxqError
+    from onnxq.inspect import inspect_model
+
+    tmp, *_ = smoke
+    work = tmp / "work"
+    quant = work / "smoke-0.onnx"  # onnxq rtn W4 g32, accuracy_level 4
+    assert L.restamp(quant, tmp_path / "acc0.onnx", 0) == 14
+    levels = {l["accuracy_level"] for l in inspect_model(tmp_path / "acc0.onnx")["layers"] if l["format"] != "float"}
+    assert levels == {0}
+    with pytest.raises(OnnxqError, match="no quantized layer"):
+        L.transplant(work / "tiny-llama" / "model.onnx", work / "tiny-llama-past" / "model.onnx", tmp_path / "x.onnx")
+
+
+def test_first_line_and_pareto():
+    assert first_line(ValueError("\n  bad thing\nmore")) == "ValueError: bad thing"
+    assert first_line(AssertionError()) == "AssertionError"
+    rows = [{"label": "float (fp32 export)", "tool": "float", "ppl": 10.0, "bpw": 32.0}]
+    rows += [{"label": f"onnxq:gptq W{b} g128 asym", "tool": "onnxq", "ppl": p, "bpw": b + 0.3}
+             for b, p in ((2, 40.0), (3, 14.0), (4, 11.0), (8, 10.1))]
+    rows += [{"label": "onnxq:rtn W4 g32 asym", "tool": "onnxq", "ppl": 12.0, "bpw": 5.1},  # dominated
+             {"label": "ort:hqq W4 g128 asym", "tool": "ort", "ppl": float("nan"), "bpw": 4.3},  # not plottable
+             {"label": "ort:rtn W3 g128 asym", "tool": "ort", "error": "NotHonored: ..."}]
+    pts = points(rows)
+    assert len(pts) == 5
+    assert [p["bpw"] for p in pareto(pts)] == [2.3, 3.3, 4.3, 8.3]
+
+
+def test_byte_tokens_windows():
+    from onnxq.textdata import token_windows
+
+    w = token_windows(R.ByteTokens(), "hello world, " * 20, 16, 3)
+    assert w.shape == (3, 16) and w.dtype == np.int64 and w.max() < 256
