@@ -145,16 +145,16 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     from transformers import AutoTokenizer
 
     if (folder / "tokenizer.json").is_file():
-        try:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (ValueError, OSError):  # no config.json / tokenizer_config.json to name the class: the file alone
-            from transformers import PreTrainedTokenizerFast
+        # tokenizer.json alone: AutoTokenizer would guess the class from the folder's name
+        from transformers import PreTrainedTokenizerFast
 
-            try:
-                return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-            except Exception as err:  # tokenizers raises its own exception type for a corrupt file
-                raise OnnxqError(f"cannot read {folder / 'tokenizer.json'} ({type(err).__name__}): copy a valid "
-                                 "tokenizer.json of the source model") from None
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        except Exception as err:  # tokenizers raises its own exception type for a corrupt file
+            raise OnnxqError(f"cannot read {folder / 'tokenizer.json'} ({type(err).__name__}): copy a valid "
+                             "tokenizer.json of the source model") from None
     if path.is_file():
         vocab = _vocab_size(path)
         for entry in REGISTRY.values():

@@ -138,23 +138,30 @@ def hessian_weighted_grid(
     diag = Hb.diagonal(dim1=-2, dim2=-1)[..., None, :, :]  # [..., 1, G, gs] broadcast over rows
     Wg = _grouped(W, spec.width(W.shape[-1]))
     lo, hi = _ranges(Wg, spec.sym)
-    sz = [_candidate(lo, hi, p, spec, rnd) for p, rnd in cands]
-    S_all, Z_all = torch.stack([s for s, _ in sz]), torch.stack([z for _, z in sz])  # [C, ..., r, G]
-    cheap = torch.stack([((fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg) ** 2 * diag).sum(-1) for s, z in sz])
-    idx = cheap.topk(top_k, dim=0, largest=False).indices.sort(dim=0).values  # keep candidate order for ties
-    S_k, Z_k = S_all.gather(0, idx), Z_all.gather(0, idx)
+    shrinks = [1 - k / 100 for k in range(n_shrink)]
+    cheap = torch.stack([  # rank shrink factors by the diagonal score with a rounded zero point
+        ((fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg) ** 2 * diag).sum(-1)
+        for s, z in (_candidate(lo, hi, p, spec, torch.round) for p in shrinks)
+    ])
+    keep = max(1, top_k // len(rnds))
+    idx = cheap.topk(keep, dim=0, largest=False).indices.sort(dim=0).values  # [keep, ..., r, G], candidate order
+    p_all = torch.tensor(shrinks, dtype=W.dtype, device=W.device)
     best = S = Z = None
-    for s, z in zip(S_k, Z_k):
-        err = full(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
-        if best is None:
-            best, S, Z = err, s, z
-            continue
-        better = err < best
-        best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
+    for i in idx:
+        p = p_all[i]
+        for rnd in rnds:
+            s = p * (hi - lo) / spec.maxq
+            z = torch.full_like(s, 2 ** (spec.bits - 1)) if spec.sym else rnd(-p * lo / s)
+            err = full(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
+            if best is None:
+                best, S, Z = err, s, z
+                continue
+            better = err < best
+            best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
     return S, Z
 
 
-HESSIAN_TOP_K = 32  # candidates that get the full delta^T H delta score inside the solvers (see hessian_weighted_grid)
+HESSIAN_TOP_K = 48  # candidates that get the full delta^T H delta score inside the solvers (see hessian_weighted_grid)
 
 
 def find_grid(W: Tensor, spec: QuantSpec, kind: str = "minmax", H: Tensor | None = None) -> tuple[Tensor, Tensor]:
