@@ -75,6 +75,16 @@ SUITES: dict[str, list[dict]] = {
         for a in ("rtn", "gptq", "boa", "turboboa")
     ]
     + [dict(tool="onnxq", algo="turboboa", bits=4, group_size=128, **W)],
+    # issues23: the rows issues 2 and 3 ask for, fastest first, in one run
+    "issues23": [
+        _ort("default", 4, 128), _ort("hqq", 4, 128),
+        _onnxq(dict(algo="rtn"), 4, 128), _onnxq(dict(algo="gptq"), 4, 128), _onnxq(dict(algo="turboboa"), 4, 128),
+    ]
+    + [
+        _onnxq(dict(algo=a), b, g, **({"format": "qdq"} if b == 3 else {}))
+        for a in ("rtn", "gptq", "turboboa", "boa")
+        for b, g in ((3, 128), (2, 64), (2, -1))
+    ],
     # quick: rtn and gptq at every setting, the attention-aware solvers and gso where they matter, ORT without GPTQ
     "quick": _matrix(ONNXQ[:2], ONNXQ[2:], ORT_FAST),
     # full: every onnxq solver at every setting, and ORT's GPTQ (about 30 min per run on SmolLM2, 2 cores)
@@ -92,7 +102,7 @@ OPTIONS: dict[str, dict] = {
     "full": dict(latency=LATENCY, variants=["onnxq:gptq W4 g128 asym", "onnxq:gptq W4 g128 asym qdq",
                                             "ort:default W4 g128 asym", "ort:default W4 g128 asym qdq"]),
 }
-DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=32, variants=[])
+DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=16, variants=[])
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 

@@ -65,7 +65,7 @@ def quantize(
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
     exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
-    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy_level (4 = int8 activations on CPU)"),
+    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy_level: 0 exact (default), 4 = int8 activations (faster on CPU, small accuracy cost)"),
     device: str = typer.Option("cpu", help="torch device for solvers: cpu or cuda"),
     ep: str = typer.Option("cpu", help="ORT execution provider for calibration"),
     seed: int = typer.Option(0, help="seed for calibration window sampling"),

@@ -30,7 +30,7 @@ class QuantRecipe:
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
     calib_windows: int = 16
     calib_seq_len: int = 512
-    accuracy_level: int = 4
+    accuracy_level: int = 0  # exact fp32 activations (ORT quantizer default); --target cpu picks 4 (int8, faster)
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     seed: int = 0
     device: str = "cpu"

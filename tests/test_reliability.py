@@ -373,8 +373,9 @@ def test_same_inputs_same_bytes(tmp_path, text, algo):
 
 
 def test_tokenizer_json_alone_is_enough(tmp_path, text):
-    """A folder with model.onnx and tokenizer.json only (no config.json) calibrates from text."""
-    src = save(small(), tmp_path / "m")
+    """A folder with model.onnx and tokenizer.json only (no config.json) calibrates from text, whatever the folder's
+    name (AutoTokenizer guessed a class from it: a folder named "sam..." picked SAM's and failed with a KeyError)."""
+    src = save(small(), tmp_path / "sample-model")
     assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "tokenizer.json"]
     res = runner.invoke(app, ["quantize", str(src), "-o", str(tmp_path / "q.onnx"), "--calib", str(text), *CALIB])
     assert res.exit_code == 0, res.output
