@@ -61,7 +61,7 @@ def linear_layers(model: onnx.ModelProto) -> list[LinearLayer]:
     shapes = initializer_shapes(model)
     out = []
     for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2:
+        if node.op_type != "MatMul" or len(node.input) != 2 or not node.output:
             continue
         dims = shapes.get(node.input[1])
         if dims is None or len(dims) != 2:

@@ -46,7 +46,7 @@ class _Graph:
     """Producer/consumer lookups over one graph."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.nodes = list(model.graph.node)
+        self.nodes = [n for n in model.graph.node if n.output]  # a node without outputs computes nothing
         self.inits = {t.name for t in model.graph.initializer}
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -142,6 +142,8 @@ def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
     head_dims = _static_last_dims(model)
     found = []
     for n in g.nodes:
+        if not n.input or not n.output:
+            continue  # malformed: an attention op without inputs or outputs cannot be mapped
         if n.op_type == "Softmax" and n.domain in ("", "ai.onnx"):
             blk = _unfused(g, n, by_output, is_linear, head_dims)
             if blk is not None:
@@ -154,7 +156,7 @@ def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
 def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims) -> AttentionBlock | None:
     qk = g.upstream(softmax.input[0], lambda n: n.op_type == "MatMul" and not any(g.is_const(i) for i in n.input))
     pv = g.downstream(softmax.output[0], lambda n: n.op_type == "MatMul")
-    if len(qk) != 1 or len(pv) != 1:
+    if len(qk) != 1 or len(pv) != 1 or len(qk[0].input) != 2 or len(pv[0].input) != 2:
         return None
     qk, pv = qk[0], pv[0]
     probs_in = 0 if g.upstream(pv.input[0], lambda n: n is softmax) or pv.input[0] == softmax.output[0] else 1

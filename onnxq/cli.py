@@ -57,7 +57,7 @@ def quantize(
     group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
     format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
-    grid: str = typer.Option("mse", help="scale search: minmax, mse or hessian"),
+    grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
     calib_windows: int = typer.Option(16, help="number of calibration windows (x seq-len tokens)"),
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
@@ -92,7 +92,8 @@ def quantize(
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()
     if target:
-        console.print(f"target {support(target).name}: {format}, {bits}-bit, group {group}, accuracy_level {accuracy_level}")
+        console.print(f"target {support(target).name}: {format}, {bits}-bit, group {group}, "
+                      f"accuracy_level {accuracy_level}")
         for warning in advise(target, bits, format, group, accuracy_level=accuracy_level):
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
     qrep = run_quantize(model, recipe, output, calib=calib, ep=ep)
@@ -136,7 +137,8 @@ def eval_cmd(
     from .runtime.session import PROVIDERS
 
     if ep not in PROVIDERS and ep not in EDGE_EPS:
-        raise OnnxqError(f"unknown execution provider {ep!r}: use one of {', '.join(dict.fromkeys([*PROVIDERS, *EDGE_EPS]))}")
+        names = ", ".join(dict.fromkeys([*PROVIDERS, *EDGE_EPS]))
+        raise OnnxqError(f"unknown execution provider {ep!r}: use one of {names}")
     edge_only = ep in ("openvino", "web-wasm", "web-webgpu")
     rep = None
     if not edge_only:

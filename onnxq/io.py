@@ -32,9 +32,107 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         raise OnnxqError(f"{path} is not a readable ONNX model (truncated or not ONNX): {one_line(err)}") from None
     if not model.HasField("graph") or not model.opset_import:
         raise OnnxqError(f"{path} is not an ONNX model (no graph or opset import): re-export it")
+    check_graph(model, path.name)
     if load_weights:
         _load_external_data(model, path)
     return model
+
+
+# bits per element of tensor types whose raw_data size follows from the dims (others are not size-checked)
+_BITS = {
+    onnx.TensorProto.FLOAT: 32, onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT16: 16,
+    onnx.TensorProto.INT16: 16, onnx.TensorProto.INT32: 32, onnx.TensorProto.INT64: 64, onnx.TensorProto.BOOL: 8,
+    onnx.TensorProto.FLOAT16: 16, onnx.TensorProto.DOUBLE: 64, onnx.TensorProto.UINT32: 32,
+    onnx.TensorProto.UINT64: 64, onnx.TensorProto.BFLOAT16: 16, onnx.TensorProto.COMPLEX64: 64,
+    onnx.TensorProto.COMPLEX128: 128, onnx.TensorProto.STRING: 0,  # strings live in string_data, never raw_data
+    **{getattr(onnx.TensorProto, n): b for n, b in (
+        ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2), ("FLOAT8E4M3FN", 8),
+        ("FLOAT8E4M3FNUZ", 8), ("FLOAT8E5M2", 8), ("FLOAT8E5M2FNUZ", 8), ("FLOAT8E8M0", 8),
+    ) if hasattr(onnx.TensorProto, n)},
+}
+_SCHEMA_DOMAINS = ("", "ai.onnx.ml")  # domains whose op schemas onnx knows; others (com.microsoft, ...) pass as is
+
+
+def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = False) -> None:
+    """Cheap structural checks of the main graph (no weight data read, nothing copied), so that a malformed model
+    fails here with one line instead of deep inside analysis or ONNX Runtime: valid tensor types and dims, raw data
+    sizes, every node with an output, every node input defined before use, every tensor produced once, every graph
+    output produced. With `ops` (for models about to run), also: every node's domain imported, and ops of the ONNX
+    domains known at the imported opset with valid input/output counts and attribute names and types."""
+    g = model.graph
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    fix = "re-export the model or repair it"
+
+    def fail(problem: str) -> None:
+        raise OnnxqError(f"{name} is malformed: {problem}: {fix}")
+
+    if ops and "" not in opsets:
+        fail("no opset import for the default ONNX domain")
+    valid = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+    known = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.data_type not in valid:
+            fail(f"initializer {t.name!r} has data type {t.data_type}, which is not an ONNX type")
+        if any(d < 0 for d in t.dims):
+            fail(f"initializer {t.name!r} has a negative dimension {list(t.dims)}")
+        bits, count = _BITS.get(t.data_type), int(np.prod(t.dims, dtype=np.int64))
+        stored = _external_length(t) if uses_external_data(t) else len(t.raw_data) if t.HasField("raw_data") else None
+        if bits is not None and stored is not None and stored != -(-count * bits // 8):
+            fail(f"initializer {t.name!r} holds {stored} bytes, its shape {list(t.dims)} needs {-(-count * bits // 8)}")
+        known.add(t.name)
+    for vi in list(g.input) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in valid:
+            fail(f"graph input/output {vi.name!r} has element type {vi.type.tensor_type.elem_type}")
+    produced, upfront = set(), set(known)
+    for i, node in enumerate(g.node):
+        label = repr(node.name) if node.name else f"#{i}"
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if not any(node.output):
+            fail(f"node {label} ({node.op_type}) has no output")
+        if ops and domain not in opsets:
+            fail(f"node {label} uses domain {node.domain!r}, which has no opset import")
+        if ops and domain in _SCHEMA_DOMAINS:
+            _check_node(node, label, onnx.defs, opsets[domain], domain, fail)
+        for t in node.input:
+            if t and t not in known:
+                fail(f"input {t!r} of node {label} is not a graph input, an initializer or an earlier node's output")
+        for t in node.output:
+            if t and (t in produced or t in upfront):
+                fail(f"tensor {t!r} is produced twice (node {label} and an earlier node, input or initializer)")
+            produced.add(t)
+        known.update(t for t in node.output if t)
+    for o in g.output:
+        if o.name not in known:
+            fail(f"graph output {o.name!r} is not produced by any node")
+
+
+def _check_node(node: onnx.NodeProto, label: str, defs, version: int, domain: str, fail) -> None:
+    """Op known at the imported opset, input/output counts and attribute names/types as its schema says."""
+    try:
+        schema = defs.get_schema(node.op_type, version, domain)
+    except defs.SchemaError:
+        fail(f"node {label} has op {node.op_type!r}, which opset {version} of {domain or 'ai.onnx'!r} does not define")
+        return
+    if not schema.min_input <= len(node.input) <= schema.max_input:
+        fail(f"node {label} ({node.op_type}) has {len(node.input)} inputs, the op takes {schema.min_input}-{schema.max_input}")
+    if not schema.min_output <= len(node.output) <= schema.max_output:
+        fail(f"node {label} ({node.op_type}) has {len(node.output)} outputs, the op gives {schema.min_output}-{schema.max_output}")
+    for a in node.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is None:
+            fail(f"node {label} ({node.op_type}) has an unknown attribute {a.name!r}")
+        elif a.type != int(spec.type) and not a.ref_attr_name:
+            fail(f"node {label} ({node.op_type}) attribute {a.name!r} has the wrong type")
+    given = {a.name for a in node.attribute}
+    for key, spec in schema.attributes.items():
+        if spec.required and key not in given:
+            fail(f"node {label} ({node.op_type}) lacks the required attribute {key!r}")
+
+
+def _external_length(t: onnx.TensorProto) -> int | None:
+    """The `length` an external tensor declares, or None."""
+    value = next((e.value for e in t.external_data if e.key == "length"), None)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:

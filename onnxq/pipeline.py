@@ -72,7 +72,7 @@ def quantize(
 
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
-    from .io import check_external_data, check_output_path, load_model, load_tensor_data, save_model_atomic
+    from .io import check_external_data, check_graph, check_output_path, load_model, load_tensor_data, save_model_atomic
     from .models.export import load_tokenizer, resolve_model
     from .passes.metadata import add_provenance
     from .passes.normalize import normalize
@@ -87,13 +87,17 @@ def quantize(
     # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
     proto = load_model(path, load_weights=False)
     folder = str(Path(path).parent)
+    check_graph(proto, Path(path).name, ops=True)  # it is going to run in ONNX Runtime: ops must be valid too
     check_external_data(proto, path)
     check_output_path(output, path, proto)
     load_tensor_data(_normalize_reads(proto), folder)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
     proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
     layers = select_layers(proto, recipe)
-    if windows is None:
+    data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
+    if data_free:
+        windows = np.zeros((0, 0), np.int64)
+    elif windows is None:
         text = load_text(calib)
         windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed, random=True)
     elif windows.ndim != 2 or windows.size == 0:
@@ -104,7 +108,57 @@ def quantize(
             raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
         _check_finite(l, read_array(weights[l.weight], folder))  # before any calibration: fail fast
 
-    in_blocks = [l for l in layers if l.block is not None]
+    in_blocks = [] if data_free else [l for l in layers if l.block is not None]
+    results, losses = {}, {}
+    calib_s = solve_s = 0.0
+    if in_blocks:
+        calib_s, solve_s = _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress)
+    for l in layers:
+        if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
+            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32)).T.contiguous()
+            res, losses[l.node] = solve_layer(l, W, None, recipe)
+            results[l.node] = _compact(res)
+    out = _rewrite(proto, layers, results, recipe)
+    n_solved = len(results)
+    results.clear()  # the packed weights are in `out` now
+    _trim_heap()
+    info = {
+        "version": __version__,
+        "algorithm": recipe.algo,
+        "bits": recipe.bits,
+        "group_size": recipe.group_size,
+        "sym": recipe.sym,
+        "format": recipe.format,
+        "grid": recipe.grid,
+        "damp": recipe.damp,
+        "act_order": recipe.act_order,
+        "refine_scales": recipe.refine_scales,
+        "target": recipe.target,
+        "accuracy_level": recipe.accuracy_level,
+        "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
+        "source": Path(path).name,
+    }
+    add_provenance(out, info)
+    save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
+    return QuantReport(
+        model=str(path),
+        output=str(output),
+        recipe=recipe.to_dict(),
+        layers=n_solved,
+        calib_tokens=int(windows.size),
+        calib_seconds=round(calib_s, 2),
+        solve_seconds=round(solve_s, 2),
+        total_seconds=round(time.perf_counter() - t0, 2),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+        layer_losses=losses,
+    )
+
+
+
+def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress) -> tuple[float, float]:
+    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized); fills results."""
+    from .runtime.calibrate import BlockRunner
+
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
@@ -115,7 +169,6 @@ def quantize(
                 attn_by_block.setdefault(a.block, []).append(a)
     envs = runner.start(batches)
     envs_fp = [dict(e) for e in envs] if need_fp else None
-    results, losses = {}, {}
     calib_s = solve_s = 0.0
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
@@ -140,43 +193,7 @@ def quantize(
         calib_s += time.perf_counter() - tc
         del stats, fake
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
-    for l in layers:
-        if l.block is None:  # outside decoder blocks (e.g. an included lm_head): data-free RTN
-            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32)).T.contiguous()
-            res, losses[l.node] = solve_layer(l, W, None, recipe)
-            results[l.node] = _compact(res)
-    out = _rewrite(proto, layers, results, recipe)
-    n_solved = len(results)
-    results.clear()  # the packed weights are in `out` now
-    _trim_heap()
-    info = {
-        "version": __version__,
-        "algorithm": recipe.algo,
-        "bits": recipe.bits,
-        "group_size": recipe.group_size,
-        "sym": recipe.sym,
-        "format": recipe.format,
-        "grid": recipe.grid,
-        "damp": recipe.damp,
-        "act_order": recipe.act_order,
-        "refine_scales": recipe.refine_scales,
-        "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
-        "source": Path(path).name,
-    }
-    add_provenance(out, info)
-    save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
-    return QuantReport(
-        model=str(path),
-        output=str(output),
-        recipe=recipe.to_dict(),
-        layers=n_solved,
-        calib_tokens=int(windows.size),
-        calib_seconds=round(calib_s, 2),
-        solve_seconds=round(solve_s, 2),
-        total_seconds=round(time.perf_counter() - t0, 2),
-        peak_rss_mb=round(_peak_rss_mb(), 1),
-        layer_losses=losses,
-    )
+    return calib_s, solve_s
 
 
 def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe) -> BlockStats:

@@ -56,10 +56,10 @@ def to_matmulnbits(
         inputs = [
             node.input[0],
             _add(model, names, f"{node.name}.B", blob),
-            _add(model, names, f"{node.name}.scales", scales.astype(dtype)),
-        ]
+            _add(model, names, f"{node.name}.scales", scales.astype(dtype).reshape(-1)),  # 1-D as ORT writes them:
+        ]  # onnxruntime-web's WebGPU kernel rejects the 2-D [N, blocks] form
         if zp is not None:
-            inputs.append(_add(model, names, f"{node.name}.zero_points", zp))
+            inputs.append(_add(model, names, f"{node.name}.zero_points", zp.reshape(-1)))
         node.CopyFrom(helper.make_node(
             "MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
             K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level,

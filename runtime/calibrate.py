@@ -8,10 +8,11 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.analysis import Partition
+from onnxq.errors import OnnxqError
 from onnxq.io import load_tensor_data
 from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
 
-from .session import make_session, model_feeds
+from .session import ORT_ERRORS, _ort_message, make_session, model_feeds
 
 Env = dict[str, np.ndarray]
 
@@ -36,7 +37,7 @@ class BlockRunner:
         envs = []
         for ids in batches:
             feeds = model_feeds(probe, ids)
-            outs = probe.run(self.stem.outputs, feeds)
+            outs = _run(probe, self.stem.outputs, feeds, "the stem (embeddings)")
             env = dict(zip(self.stem.outputs, outs))
             env.update(feeds)
             envs.append(env)
@@ -64,7 +65,7 @@ class BlockRunner:
         keep = self._live_after(index) | set(sub.outputs)
         for env in envs:
             feeds = {k: env[k] for k in sub.inputs}
-            outs = dict(zip(names, session.run(names, feeds)))
+            outs = dict(zip(names, _run(session, names, feeds, f"decoder block {index}")))
             outs.update({k: feeds[k] for k in capture if k in feeds})
             yield {k: outs[k] for k in capture}
             if advance:
@@ -80,7 +81,20 @@ class BlockRunner:
         return live
 
     def _piece(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None, weights=None) -> onnx.ModelProto:
-        piece = build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)
+        try:
+            piece = build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)
+        except KeyError as err:  # build_model's signal for a tensor that shape inference left untyped
+            raise OnnxqError(f"the type of tensor {err.args[0]!r} is unknown (ONNX shape inference cannot infer it): "
+                             "check the model with onnx.shape_inference.infer_shapes or re-export it") from None
         if self.folder is not None:  # only this piece's weights are read into memory
             load_tensor_data(piece.graph.initializer, self.folder)
         return piece
+
+
+def _run(session, names: list[str], feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    """session.run with ONNX Runtime's failures (bad shapes or values in the model) as one-line OnnxqErrors."""
+    try:
+        return session.run(names, feeds)
+    except ORT_ERRORS as err:
+        raise OnnxqError(f"ONNX Runtime failed running {what} ({_ort_message(err)}): check that the model runs in "
+                         "float (onnxq eval) or re-export it") from None

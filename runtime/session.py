@@ -24,6 +24,24 @@ _NUMPY = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)":
 _PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize more; larger models go through a temp file
 
 
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types onnxruntime raises for models it cannot load or run (its own, not Python's)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NotImplemented", "RuntimeException",
+             "NoSuchFile", "NoModel", "EngineError", "EPFail")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
+
+
+ORT_ERRORS = _ort_errors()
+
+
+def _ort_message(err: BaseException) -> str:
+    """ORT's message on one line without its "[ONNXRuntimeError] : 1 : FAIL :" prefix, at most 200 characters."""
+    text = " ".join(str(err).split())
+    return text.split(" : ", 3)[-1][:200] if text.startswith("[ONNXRuntimeError]") else text[:200]
+
+
 def providers_for(ep: str) -> list[str]:
     """ORT provider list for a short name ("cpu", "cuda", ...); fails if this onnxruntime build lacks it."""
     if ep not in PROVIDERS:
@@ -43,15 +61,20 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, thread
     if threads:
         options.intra_op_num_threads = threads
     kwargs = {"providers": providers_for(ep), "disabled_optimizers": disabled_optimizers}
-    if isinstance(model, onnx.ModelProto):
-        if model.ByteSize() < _PROTO_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
-        with tempfile.TemporaryDirectory() as tmp:
-            onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(f"{tmp}/model.onnx", options, **kwargs)
-    if not Path(model).is_file():
-        raise OnnxqError(f"model file '{model}' not found: give an existing .onnx file")
-    return ort.InferenceSession(str(model), options, **kwargs)
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() < _PROTO_LIMIT:
+                return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
+            with tempfile.TemporaryDirectory() as tmp:
+                onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+                return ort.InferenceSession(f"{tmp}/model.onnx", options, **kwargs)
+        if not Path(model).is_file():
+            raise OnnxqError(f"model file '{model}' not found: give an existing .onnx file")
+        return ort.InferenceSession(str(model), options, **kwargs)
+    except ORT_ERRORS as err:
+        what = "the model" if isinstance(model, onnx.ModelProto) else Path(model).name
+        raise OnnxqError(f"ONNX Runtime cannot load {what} ({_ort_message(err)}): check that it runs in float "
+                         "(onnxq eval) or re-export it") from None
 
 
 def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ if [ ! -x .venv-openvino/bin/python ]; then "$PY" -m venv .venv-openvino; fi
 # Browser runner: Debian's chromium (as root; else install it yourself) and onnxruntime-web + playwright-core from npm.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
   else
     echo "setup.sh: chromium not installed (apt-get install chromium as root): the browser tests will skip" >&2
   fi

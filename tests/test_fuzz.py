@@ -37,7 +37,7 @@ def _garbage_attribute(draw) -> onnx.AttributeProto:
     name = draw(st.sampled_from(["perm", "axis", "to", "value", "transB", "alpha", "num_heads", "block_size", "x"]))
     value = draw(st.one_of(
         st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=4),
-        st.lists(st.integers(-9, 9), max_size=5),
+        st.lists(st.integers(-9, 9), min_size=1, max_size=5),
         st.builds(lambda n: helper.make_tensor("t", TensorProto.FLOAT, [n], [1.0] * n), st.integers(0, 3)),
     ))
     return helper.make_attribute(name, value)
@@ -51,11 +51,11 @@ def mutated(draw) -> onnx.ModelProto:
     g = model.graph
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from([
-            "drop_node", "dup_node", "swap_nodes", "op_type", "domain", "input_name", "attribute",
-            "init_dims", "init_dtype", "drop_init", "io_dim", "io_dtype", "drop_output", "opset",
+            "drop_node", "dup_node", "swap_nodes", "op_type", "domain", "input_name", "attribute", "node_io",
+            "init_dims", "init_reshape", "init_dtype", "drop_init", "io_dim", "io_dtype", "drop_output", "opset",
         ]))
         nodes, inits = g.node, g.initializer
-        if kind in ("drop_node", "dup_node", "op_type", "domain", "input_name", "attribute") and len(nodes):
+        if kind in ("drop_node", "dup_node", "op_type", "domain", "input_name", "attribute", "node_io") and len(nodes):
             i = draw(st.integers(0, len(nodes) - 1))
             if kind == "drop_node":
                 del nodes[i]
@@ -72,7 +72,10 @@ def mutated(draw) -> onnx.ModelProto:
                 nodes[i].domain = draw(st.sampled_from(["com.microsoft", "ai.onnx.ml", "bogus"]))
             elif kind == "input_name" and len(nodes[i].input):
                 j = draw(st.integers(0, len(nodes[i].input) - 1))
-                nodes[i].input[j] = draw(st.sampled_from(["", "nowhere", "input_ids", "logits", nodes[0].output[0]]))
+                nodes[i].input[j] = draw(st.sampled_from(["", "nowhere", "input_ids", "logits", *nodes[0].output[:1]]))
+            elif kind == "node_io":  # cut a node's inputs or outputs short
+                field = nodes[i].input if draw(st.booleans()) else nodes[i].output
+                del field[draw(st.integers(0, len(field))):]
             elif kind == "attribute":
                 attr = _garbage_attribute(draw)
                 keep = [a for a in nodes[i].attribute if a.name != attr.name]
@@ -85,16 +88,21 @@ def mutated(draw) -> onnx.ModelProto:
             b.CopyFrom(nodes[j])
             nodes[i].CopyFrom(b)
             nodes[j].CopyFrom(a)
-        elif kind in ("init_dims", "init_dtype", "drop_init") and len(inits):
+        elif kind in ("init_dims", "init_reshape", "init_dtype", "drop_init") and len(inits):
             i = draw(st.integers(0, len(inits) - 1))
-            if kind == "init_dims":
+            if kind == "init_dims":  # data no longer matches the shape
                 del inits[i].dims[:]
                 inits[i].dims.extend(draw(st.lists(st.integers(0, 64), max_size=4)))
+            elif kind == "init_reshape":  # same data, another consistent shape (a weight [K, N] read as [N, K], ...)
+                dims = list(inits[i].dims)
+                new = draw(st.sampled_from([dims[::-1], [int(np.prod(dims))], [1, *dims], dims[:-1] + [1, dims[-1]]] if dims else [[1]]))
+                del inits[i].dims[:]
+                inits[i].dims.extend(new)
             elif kind == "init_dtype":
                 inits[i].data_type = draw(st.sampled_from(_DTYPES))
             else:
                 del inits[i]
-        elif kind in ("io_dim", "io_dtype"):
+        elif kind in ("io_dim", "io_dtype") and len(g.output):
             vi = draw(st.sampled_from([g.input[0], g.output[0]]))
             t = vi.type.tensor_type
             if kind == "io_dtype":
@@ -135,15 +143,15 @@ def test_analysis_attention_inspect(model):
                 pass
 
 
-@settings(FUZZ, max_examples=30)
-@given(mutated(), st.sampled_from(["rtn", "gptq", "boa"]), st.sampled_from(["nbits", "qdq"]))
+@settings(FUZZ, max_examples=50)
+@given(mutated(), st.sampled_from(["rtn", "gptq", "boa", "turboboa"]), st.sampled_from(["nbits", "qdq"]))
 def test_quantize(model, algo, fmt):
     ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 8)).astype(np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         src = _save(model, Path(tmp))
         out = Path(tmp) / "out" / "q.onnx"
         try:
-            quantize(src, QuantRecipe(algo=algo, format=fmt, group_size=16), out, windows=ids, progress=False)
+            quantize(src, QuantRecipe(algo=algo, format=fmt, group_size=16, rows_per_block=4), out, windows=ids, progress=False)
         except OnnxqError as err:
             assert "\n" not in str(err)
             assert not out.parent.exists() or not any(out.parent.iterdir())

@@ -1,5 +1,5 @@
 // onnxq edge runner: page side. The driver (drive.mjs) calls window.onnxqRun(request) and gets back outputs and timings.
-// request: {model: URL, externalData: [{path, url}], ep: "wasm" | "webgpu", threads, warmup, runs,
+// request: {model: URL, externalData: [{path, data: URL}], ep: "wasm" | "webgpu", threads, warmup, runs,
 //           inputs: [{name, dtype: "int64", dims, b64}], timing: [{name, dtype, dims, b64}] (optional second feed
 //           timed alone, e.g. a one-token run), outputs: [names] or null, verbose: bool}
 import * as ort from './node_modules/onnxruntime-web/dist/ort.all.min.mjs';
