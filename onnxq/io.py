@@ -151,23 +151,58 @@ def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None
                              f"needs {end}): copy the complete file next to {Path(path).name}")
 
 
-def read_array(tensor: onnx.TensorProto, folder: str | os.PathLike) -> np.ndarray:
-    """The value of `tensor` as a numpy array, reading external data from `folder` (the model's folder) if needed."""
-    if not uses_external_data(tensor):
+class Weights:
+    """Where the data of a weightless model's initializers is: external data files in `folder` (the model's folder)
+    and `memory`, bytes by initializer name, for inline weights moved out with `detach_weights`."""
+
+    def __init__(self, folder: str | os.PathLike, memory: dict[str, bytes] | None = None):
+        self.folder = Path(folder)
+        self.memory = memory if memory is not None else {}
+
+    def detached(self, t: onnx.TensorProto) -> bool:
+        """Whether `t` is an initializer whose data `detach_weights` moved to `memory`."""
+        return t.name in self.memory and not t.HasField("raw_data") and not uses_external_data(t)
+
+
+def detach_weights(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[onnx.ModelProto, dict[str, bytes]]:
+    """A weightless copy of `model` and the raw data of its large inline initializers (except `keep`) by name.
+
+    With the upb protobuf runtime, clearing a field does not free its memory (only dropping the whole message does),
+    so weight-free copies for shape inference and the like would leave garbage as big as the weights; a small proto
+    plus `Weights(folder, memory)` avoids that. `model` is left without those weights: drop it.
+    """
+    keep = set(keep)
+    memory = {}
+    for t in _large_initializers(model, _MIN_EXTERNAL_BYTES):
+        if t.name not in keep:
+            memory[t.name] = t.raw_data
+            t.ClearField("raw_data")
+    slim = onnx.ModelProto()
+    slim.CopyFrom(model)  # copies only what is left: graph, small tensors, metadata
+    return slim, memory
+
+
+def read_array(tensor: onnx.TensorProto, folder: str | os.PathLike | Weights) -> np.ndarray:
+    """The value of `tensor` as a numpy array, reading its data from `folder` (the model's folder, or `Weights`)."""
+    store = folder if isinstance(folder, Weights) else Weights(folder)
+    if not uses_external_data(tensor) and not store.detached(tensor):
         return numpy_helper.to_array(tensor)
     loaded = onnx.TensorProto()
-    loaded.CopyFrom(tensor)  # no payload to copy: the data is on disk
-    load_tensor_data([loaded], folder)
+    loaded.CopyFrom(tensor)  # no payload to copy: the data is on disk or in the store
+    load_tensor_data([loaded], store)
     return numpy_helper.to_array(loaded)
 
 
-def load_tensor_data(tensors: Iterable[onnx.TensorProto], folder: str | os.PathLike) -> None:
-    """Read the external data of each tensor (from the model's `folder`) into the tensor itself, in place."""
+def load_tensor_data(tensors: Iterable[onnx.TensorProto], folder: str | os.PathLike | Weights) -> None:
+    """Read the data of each tensor that lacks it (from the model's `folder`, or `Weights`) into the tensor, in place."""
+    store = folder if isinstance(folder, Weights) else Weights(folder)
     for t in tensors:
-        if uses_external_data(t):
-            _external_file(t, Path(folder))  # a clear error for a missing file or an unsafe location
+        if store.detached(t):
+            t.raw_data = store.memory[t.name]
+        elif uses_external_data(t):
+            _external_file(t, store.folder)  # a clear error for a missing file or an unsafe location
             try:
-                load_external_data_for_tensor(t, str(folder))
+                load_external_data_for_tensor(t, str(store.folder))
             except (OSError, ValueError) as err:
                 raise OnnxqError(f"cannot read the external data of tensor {t.name!r}: {one_line(err)}") from None
 

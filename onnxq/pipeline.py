@@ -72,7 +72,10 @@ def quantize(
 
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
-    from .io import check_external_data, check_graph, check_output_path, load_model, load_tensor_data, save_model_atomic
+    from .io import (
+        Weights, check_external_data, check_graph, check_output_path, detach_weights, load_model, load_tensor_data,
+        restore_weights, save_model_atomic,
+    )
     from .models.export import load_tokenizer, resolve_model
     from .passes.metadata import add_provenance
     from .passes.normalize import normalize
@@ -90,7 +93,11 @@ def quantize(
     check_graph(proto, Path(path).name, ops=True)  # it is going to run in ONNX Runtime: ops must be valid too
     check_external_data(proto, path)
     check_output_path(output, path, proto)
-    load_tensor_data(_normalize_reads(proto), folder)
+    reads = _normalize_reads(proto)
+    load_tensor_data(reads, folder)
+    keep, reads = [t.name for t in reads], None  # (a tensor wrapper would keep the whole loaded proto alive)
+    proto, memory = detach_weights(proto, keep=keep)  # inline weights leave the proto too: it stays small
+    folder = Weights(folder, memory)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
     proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
     layers = select_layers(proto, recipe)
@@ -139,6 +146,8 @@ def quantize(
         "source": Path(path).name,
     }
     add_provenance(out, info)
+    restore_weights(out, memory)  # the float weights left (embeddings, norms, excluded layers) go back in
+    memory.clear()
     save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
     return QuantReport(
         model=str(path),

@@ -92,7 +92,7 @@ def test_smoke_variants_and_outputs(smoke):
     assert "| ort:gptq W2 g32 asym | not supported: ORT GPTQ packs" in md
     text = readme.read_text()
     section = text[text.index(R.README_START):text.index(R.README_END)]
-    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 4 |" in section and png.name in section
+    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 |" in section and png.name in section
     assert text.count(R.README_START) == 1 and _outside(text) == _outside((tmp / "README.orig.md").read_text())
     # the with-past copies are removed unless --keep
     assert not list((tmp / "work").glob("*-past.onnx"))
