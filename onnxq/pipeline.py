@@ -125,6 +125,8 @@ def quantize(
             W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32)).T.contiguous()
             res, losses[l.node] = solve_layer(l, W, None, recipe)
             results[l.node] = _compact(res)
+            del W, res
+            _trim_heap()
     out = _rewrite(proto, layers, results, recipe)
     n_solved = len(results)
     results.clear()  # the packed weights are in `out` now

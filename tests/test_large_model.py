@@ -151,24 +151,27 @@ def windows(n=4, t=16, vocab=64, seed=0) -> np.ndarray:
 BIG = dict(layers=30, hidden=1024, heads=16, intermediate=4096, vocab=32000)
 _CHILD = textwrap.dedent(
     """
-    import json, sys, time
+    import json, sys
     import numpy as np
     from onnxq import QuantRecipe
     from onnxq.pipeline import quantize
-    src, out, algo = sys.argv[1:4]
+    src, out, algo, exclude = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
     ids = np.random.default_rng(0).integers(0, 32000, size=(2, 64)).astype(np.int64)
-    rep = quantize(src, QuantRecipe(algo=algo, bits=4, group_size=128, grid="minmax", calib_windows=2), out,
-                   windows=ids, progress=False)
+    recipe = QuantRecipe(algo=algo, bits=4, group_size=128, grid="minmax", calib_windows=2, exclude=exclude)
+    rep = quantize(src, recipe, out, windows=ids, progress=False)
     hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    print(json.dumps({"peak_rss_bytes": hwm * 1024, "seconds": rep.total_seconds, "layers": rep.layers}))
+    print(json.dumps({"peak_rss_bytes": hwm * 1024, "seconds": rep.total_seconds, "layers": rep.layers,
+                      "calib_seconds": rep.calib_seconds, "solve_seconds": rep.solve_seconds}))
     """
 )
 
 
-def quantize_in_child(src: Path, out: Path, algo: str = "rtn") -> dict:
-    """Quantize in a fresh interpreter; returns its peak RSS (VmHWM of the child's own address space) and time."""
+def quantize_in_child(src: Path, out: Path, algo: str = "gptq", exclude: tuple[str, ...] = ("lm_head",)) -> dict:
+    """Quantize in a fresh interpreter; returns its peak RSS (VmHWM of the child's own address space, which a
+    forked child's ru_maxrss is not: it inherits the parent's) and timings."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), algo], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-c", _CHILD, str(src), str(out), algo, json.dumps(list(exclude))]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -180,6 +183,11 @@ def model_bytes(path: Path) -> int:
 
 @pytest.mark.slow
 def test_model_over_2gb_quantizes_within_memory_bound(tmp_path):
+    """A 2.28 GB external-data decoder: every block is calibrated on ORT and its attention projections solved with
+    GPTQ (the MLPs stay float so the test takes minutes, not ten: they are still run, and streamed to the output);
+    peak resident memory stays under 1.5x the float model file and the output has external data and runs."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads VmHWM from /proc")
     if shutil.disk_usage(tmp_path).free < 8 * 2**30:
         pytest.skip("needs 8 GiB of free disk for the 2.3 GB model and its output")
     src = write_decoder(tmp_path / "big", external=True, **BIG)
@@ -187,8 +195,9 @@ def test_model_over_2gb_quantizes_within_memory_bound(tmp_path):
     assert size > 2**31
     out = tmp_path / "q" / "model.onnx"
     try:
-        res = quantize_in_child(src, out)
-        assert res["layers"] == 7 * BIG["layers"]
+        res = quantize_in_child(src, out, "gptq", exclude=("lm_head", "mlp"))
+        print(json.dumps({**res, "model_bytes": size, "ratio": round(res["peak_rss_bytes"] / size, 3)}))
+        assert res["layers"] == 4 * BIG["layers"] and res["calib_seconds"] > 0
         assert (out.parent / "model.onnx.data").is_file()  # > 2 GB in, external data out
         assert res["peak_rss_bytes"] <= 1.5 * size, (res["peak_rss_bytes"] / 2**20, size / 2**20)
         import onnxruntime as ort

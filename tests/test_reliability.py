@@ -268,20 +268,23 @@ def _logits(path, ids):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"input_ids": ids})[0]
 
 
-@pytest.mark.parametrize("fmt,sym", [("nbits", False), ("nbits", True), ("qdq", False), ("qdq", True)])
-def test_k_not_divisible_by_group(tmp_path, fmt, sym):
-    """K = 80 with group 32: the last group of each row holds 16 columns (MatMulNBits pads K to 96)."""
+@pytest.mark.parametrize(
+    "fmt,sym,group", [("nbits", False, 32), ("nbits", True, 32), ("qdq", False, 32), ("qdq", True, 32), ("nbits", False, 128)]
+)
+def test_k_not_divisible_by_group(tmp_path, fmt, sym, group):
+    """K = 80 with group 32: the last group of each row holds 16 columns (MatMulNBits pads K to 96); with group
+    128 > K there is one short group per row."""
     src = save(decoder_model(layers=1, hidden=80, heads=4, intermediate=160, vocab=VOCAB), tmp_path / "m")
     out = tmp_path / "q.onnx"
-    quantize(src, QuantRecipe(algo="gptq", bits=4, group_size=32, format=fmt, sym=sym), out, windows=windows(vocab=VOCAB), progress=False)
+    quantize(src, QuantRecipe(algo="gptq", bits=4, group_size=group, format=fmt, sym=sym), out, windows=windows(vocab=VOCAB), progress=False)
     model = onnx.load(out)
     onnx.checker.check_model(model)
     if fmt == "nbits":
         q = next(n for n in model.graph.node if n.name == "/model/layers.0/self_attn/q_proj/MatMul")
         attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
-        assert (attrs["K"], attrs["block_size"]) == (80, 32)
+        assert (attrs["K"], attrs["block_size"]) == (80, group)
         blob = next(t for t in model.graph.initializer if t.name == q.input[1])
-        assert list(blob.dims) == [80, 3, 16]  # N, ceil(80 / 32) blocks, 32 4-bit codes per block
+        assert list(blob.dims) == [80, -(-80 // group), group // 2]  # N, ceil(K / group) blocks, 4-bit codes
     ids = windows(2, 12, vocab=VOCAB, seed=3)
     ref, got = _logits(src, ids), _logits(out, ids)
     assert np.isfinite(got).all()
@@ -353,6 +356,24 @@ def test_lazy_load_reads_only_what_it_needs(tmp_path, monkeypatch):
     assert (tmp_path / "q.onnx.data").is_file()
 
 
+def test_detached_inline_weights_come_back(tmp_path):
+    """detach_weights leaves a small proto; Weights hands each tensor back exactly (what pieces and solves read)."""
+    from onnxq.io import Weights, detach_weights, load_tensor_data, read_array
+
+    model = small()
+    ref = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    slim, memory = detach_weights(model, keep=["model.embed_tokens.weight"])
+    assert len(memory) == 15 and "model.embed_tokens.weight" not in memory  # 14 projections + lm_head
+    assert slim.ByteSize() + sum(map(len, memory.values())) <= small().ByteSize()
+    store = Weights(tmp_path, memory)
+    for t in slim.graph.initializer:
+        np.testing.assert_array_equal(read_array(t, store), ref[t.name])
+    piece = [onnx.TensorProto()]
+    piece[0].CopyFrom(next(t for t in slim.graph.initializer if t.name in memory))
+    load_tensor_data(piece, store)
+    np.testing.assert_array_equal(numpy_helper.to_array(piece[0]), ref[piece[0].name])
+
+
 # ---- reproducibility --------------------------------------------------------------------------------------------
 
 
@@ -370,6 +391,20 @@ def test_same_inputs_same_bytes(tmp_path, text, algo):
         assert res.exit_code == 0, res.output
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert set(_digest(tmp_path / "a")) == {"q.onnx", "q.onnx.data"}
+
+
+def test_same_bytes_across_processes(tmp_path, text):
+    """Fresh `onnxq quantize` processes with default thread settings (tests run torch on one thread) agree too."""
+    import subprocess
+    import sys
+
+    src = save(small(), tmp_path / "m")
+    for run in ("a", "b"):
+        cmd = [sys.executable, "-c", "from onnxq.cli import main; main()", "quantize", str(src), "-o", str(tmp_path / run / "q.onnx"),
+               "--calib", str(text), "--algo", "turboboa", *CALIB]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
 
 
 def test_tokenizer_json_alone_is_enough(tmp_path, text):
