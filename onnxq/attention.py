@@ -171,7 +171,7 @@ def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims
     fused = q.node if q.node == k.node == v.node else None
     mask_ops = set().union(*(g.ancestors_ops(t) for t in g.side_inputs(qk, softmax.input[0])))
     causal = bool(mask_ops & _CAUSAL_HINTS)
-    q_tensor, k_tensor = _strip_scale(g, qk.input[0]), _strip_scale(g, qk.input[1])
+    q_tensor = _strip_scale(g, qk.input[0])  # post-RoPE query, before the 1/sqrt(d) scaling
     rope, cos, sin = _rope(g, q_tensor)
     d = head_dims.get(qk.input[0])
     n_heads = n_kv = None

@@ -79,7 +79,6 @@ def quantize(
     from .models.export import load_tokenizer, resolve_model
     from .passes.metadata import add_provenance
     from .passes.normalize import normalize
-    from .runtime.calibrate import BlockRunner
     from .textdata import load_text, token_windows
 
     recipe.validate()

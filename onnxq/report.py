@@ -61,12 +61,19 @@ class EvalReport:
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write `<stem>.json` and `<stem>.md`."""
-        stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
-        js.write_text(json.dumps(self.to_dict(), indent=2))
-        md.write_text(self.markdown())
-        return js, md
+        return write_report(stem, self.to_dict(), self.markdown())
+
+
+def write_report(stem: str | Path, data: dict, markdown: str) -> tuple[Path, Path]:
+    """Write `<stem>.json` and `<stem>.md`, each to a temp file in the same folder and then renamed."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = stem.with_suffix(".json"), stem.with_suffix(".md")
+    for path, text in zip(paths, (json.dumps(data, indent=2), markdown)):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
 
 
 def evaluate(

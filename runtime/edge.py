@@ -140,12 +140,9 @@ class EdgeReport:
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write `<stem>.json` and `<stem>.md`."""
-        stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        js, md = stem.with_suffix(".json"), stem.with_suffix(".md")
-        js.write_text(json.dumps(self.to_dict(), indent=2))
-        md.write_text(self.markdown())
-        return js, md
+        from onnxq.report import write_report
+
+        return write_report(stem, self.to_dict(), self.markdown())
 
 
 # --------------------------------------------------------------------------------------------------- model facts

@@ -88,27 +88,31 @@ def _ranges(Wg: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
     return lo.masked_fill(dead, -1.0), hi.masked_fill(dead, 1.0)
 
 
-def _candidate(lo: Tensor, hi: Tensor, p: float, spec: QuantSpec, rnd=torch.round) -> tuple[Tensor, Tensor]:
+def _candidate(lo: Tensor, hi: Tensor, p: float | Tensor, spec: QuantSpec, rnd=torch.round) -> tuple[Tensor, Tensor]:
     """Scale and zero for the range shrunk by p; the zero is rounded with `rnd` (asymmetric only)."""
     s = p * (hi - lo) / spec.maxq
     z = torch.full_like(s, 2 ** (spec.bits - 1)) if spec.sym else rnd(-p * lo / s)
     return s, z
 
 
-def _search(W: Tensor, spec: QuantSpec, cands, score) -> tuple[Tensor, Tensor]:
-    """Keep, per (row, group), the first candidate (scale, zero) with the lowest score(delta)."""
-    Wg = _grouped(W, spec.width(W.shape[-1]))
-    lo, hi = _ranges(Wg, spec.sym)
+def _best(Wg: Tensor, candidates, score, maxq: int) -> tuple[Tensor, Tensor]:
+    """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta)."""
     best = S = Z = None
-    for p, rnd in cands:
-        s, z = _candidate(lo, hi, p, spec, rnd)
-        err = score(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
+    for s, z in candidates:
+        err = score(fake_quant(Wg, s[..., None], z[..., None], maxq)[0] - Wg)
         if best is None:
             best, S, Z = err, s, z
             continue
         better = err < best
         best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
     return S, Z
+
+
+def _search(W: Tensor, spec: QuantSpec, cands, score) -> tuple[Tensor, Tensor]:
+    """Keep, per (row, group), the first candidate (shrink, zero rounding) with the lowest score(delta)."""
+    Wg = _grouped(W, spec.width(W.shape[-1]))
+    lo, hi = _ranges(Wg, spec.sym)
+    return _best(Wg, (_candidate(lo, hi, p, spec, rnd) for p, rnd in cands), score, spec.maxq)
 
 
 def minmax_grid(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -146,19 +150,7 @@ def hessian_weighted_grid(
     keep = max(1, top_k // len(rnds))
     idx = cheap.topk(keep, dim=0, largest=False).indices.sort(dim=0).values  # [keep, ..., r, G], candidate order
     p_all = torch.tensor(shrinks, dtype=W.dtype, device=W.device)
-    best = S = Z = None
-    for i in idx:
-        p = p_all[i]
-        for rnd in rnds:
-            s = p * (hi - lo) / spec.maxq
-            z = torch.full_like(s, 2 ** (spec.bits - 1)) if spec.sym else rnd(-p * lo / s)
-            err = full(fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg)
-            if best is None:
-                best, S, Z = err, s, z
-                continue
-            better = err < best
-            best, S, Z = torch.where(better, err, best), torch.where(better, s, S), torch.where(better, z, Z)
-    return S, Z
+    return _best(Wg, (_candidate(lo, hi, p_all[i], spec, rnd) for i in idx for rnd in rnds), full, spec.maxq)
 
 
 HESSIAN_TOP_K = 48  # candidates that get the full delta^T H delta score inside the solvers (see hessian_weighted_grid)
