@@ -119,7 +119,7 @@ def decoder_model(
         g = node("Mul", [g, node("Sigmoid", [g], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
         u = node("Mul", [g, linear(x_up, f"{p}/mlp/up_proj", hidden, intermediate)], f"{p}/mlp/Mul")
         h = node("Add", [h, linear(u, f"{p}/mlp/down_proj", intermediate, hidden)], f"{p}/Add_1")
-    logits = linear(norm(h, "/model/norm"), "/lm_head", hidden, vocab)
+    linear(norm(h, "/model/norm"), "/lm_head", hidden, vocab)  # its output is renamed "logits" below
     nodes[-1].output[0] = "logits"
     w.close()
     graph = helper.make_graph(
