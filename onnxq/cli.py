@@ -52,7 +52,7 @@ def quantize(
     ctx: typer.Context,
     model: str = typer.Argument(..., help=".onnx file, Hugging Face folder, or registry name (smollm2)"),
     output: Path = typer.Option(..., "-o", "--output", help="output .onnx path"),
-    algo: str = typer.Option("turboboa", help=f"solver (default turboboa: most accurate; gptq is ~2x faster): {', '.join(ALGORITHMS)}"),
+    algo: str = typer.Option("turboboa", help=f"solver (default turboboa: most accurate; gptq is faster): {', '.join(ALGORITHMS)}"),
     bits: int = typer.Option(4, help="2, 3, 4 or 8"),
     group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
