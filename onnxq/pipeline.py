@@ -121,7 +121,7 @@ def quantize(
         calib_s, solve_s = _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress)
     for l in layers:
         if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
-            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32)).T.contiguous()
+            W = _layer_weight(l, weights, folder)
             res, losses[l.node] = solve_layer(l, W, None, recipe)
             results[l.node] = _compact(res)
             del W, res
@@ -164,6 +164,10 @@ def quantize(
     )
 
 
+def _layer_weight(layer: LinearLayer, weights: dict, folder) -> torch.Tensor:
+    """W[d_out, d_in] float32 of `layer`, read from its initializer (or the source's data file) on demand."""
+    return torch.from_numpy(read_array(weights[layer.weight], folder).astype(np.float32)).T.contiguous()
+
 
 def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress) -> tuple[float, float]:
     """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized); fills results."""
@@ -191,7 +195,7 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
         fake = {}
         for l in todo:
             bar.set_postfix_str(l.role)
-            W = torch.from_numpy(read_array(weights[l.weight], folder).astype(np.float32)).T.contiguous()
+            W = _layer_weight(l, weights, folder)
             res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
             results[l.node] = _compact(res)
             losses[l.node] = loss
