@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure latency (default: on for smoke/quick/full)")
     ap.add_argument("--repeats", type=int, help="latency repeats (default 5; smoke 3)")
     ap.add_argument("--keep", action="store_true", help="keep the with-past copies of the quantized models")
+    ap.add_argument("--resume", nargs="?", const="", metavar="JSON", help="finish a run that was cut short: keep "
+                    "the rows of its results JSON (default: today's file of this suite), run only the missing ones, "
+                    "and write the result under that file's name")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
     ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
     ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)
@@ -359,19 +362,28 @@ def _run(args) -> int:
     np.save(calib_npy, calib)
     lat_tokens = np.asarray(tok(eval_text[-20000:])["input_ids"], dtype=np.int64)
     date = dt.date.today().isoformat()
-    stem = Path(args.out) / f"{date}-{args.suite}"
+    stem = Path(args.resume).with_suffix("") if args.resume else Path(args.out) / f"{date}-{args.suite}"
     head = header(args, opts, lat, model, past, windows, calib)
-    rows = [{"label": "float (fp32 export)", "tool": "float"}]
-    score(rows[0], model, windows, args.ep)
-    rows[0]["bpw"] = 32.0
-    if lat:
-        latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
-    _print(rows[0])
+    done: dict[str, dict] = {}
     extra: list[dict] = []
+    if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
+        old = json.loads(stem.with_suffix(".json").read_text())
+        head = {**old["header"], "resumed": old["header"].get("resumed", []) + [head["date"]]}
+        done, extra = {r["label"]: r for r in old["rows"]}, old["variants"]
+    rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float"}]
+    if "ppl" not in rows[0]:
+        score(rows[0], model, windows, args.ep)
+        rows[0]["bpw"] = 32.0
+        if lat:
+            latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
+    _print(rows[0])
     wanted = set(opts["variants"])
     for i, cfg in enumerate(SUITES[args.suite]):
         name = label(cfg)
         if (args.only and args.only not in name) or (args.skip and args.skip in name):
+            continue
+        if name in done:
+            rows.append(done[name])
             continue
         out = work / f"{args.suite}-{i}.onnx"
         row = {"label": name, **cfg}

@@ -150,3 +150,19 @@ def test_byte_tokens_windows():
 
     w = token_windows(R.ByteTokens(), "hello world, " * 20, 16, 3)
     assert w.shape == (3, 16) and w.dtype == np.int64 and w.max() < 256
+
+
+def test_resume_runs_only_missing_rows(smoke, tmp_path):
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    kept = data["rows"][:2]  # float and onnxq rtn; pretend the run stopped there
+    kept[1] = {**kept[1], "ppl": 123.0}  # a marker a rerun would overwrite
+    cut.write_text(json.dumps({"header": data["header"], "rows": kept, "variants": []}))
+    rc = R.main(["--suite", "smoke", "--resume", str(cut), "--work", str(tmp / "work"), "--no-latency", "--no-plot"])
+    assert rc == 0
+    out = json.loads(cut.read_text())
+    assert [r["label"] for r in out["rows"]] == [r["label"] for r in data["rows"]]
+    assert out["rows"][1]["ppl"] == 123.0  # kept, not rerun
+    assert out["rows"][2]["ppl"] == pytest.approx(data["rows"][2]["ppl"], rel=1e-6)  # rerun, same PPL
+    assert out["header"]["command"] == data["header"]["command"] and len(out["header"]["resumed"]) == 1
+    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 | 123.00 |" in cut.with_suffix(".md").read_text()
