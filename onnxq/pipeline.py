@@ -141,6 +141,7 @@ def quantize(
         "damp": recipe.damp,
         "act_order": recipe.act_order,
         "refine_scales": recipe.refine_scales,
+        "true_sequential": recipe.true_sequential,
         "target": recipe.target,
         "accuracy_level": recipe.accuracy_level,
         "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
@@ -190,11 +191,18 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
         stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe)
+        recollected = {todo[0].input} if todo else set()
         calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
         fake = {}
         for l in todo:
             bar.set_postfix_str(l.role)
+            if recipe.true_sequential and fake and l.input not in recollected:
+                tc = time.perf_counter()
+                stats.cov[l.input] = _recollect(runner, b, l.input, l.k, envs, envs_fp, fake, recipe)
+                recollected.add(l.input)
+                ts += time.perf_counter() - tc
+                calib_s += time.perf_counter() - tc
             W = _layer_weight(l, weights, folder)
             res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
             results[l.node] = _compact(res)
@@ -204,6 +212,9 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake):
             pass  # advance the quantized stream through the now-quantized block
+        if recipe.true_sequential and envs_fp is not None:
+            for _ in runner.run(b, envs_fp):
+                pass  # _collect left the float stream at this block's inputs for the re-collections
         calib_s += time.perf_counter() - tc
         del stats, fake
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
@@ -228,7 +239,7 @@ def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list,
     accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
     capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()]))
     q_iter = runner.run(b, envs, capture=capture, advance=False)
-    f_iter = runner.run(b, envs_fp, capture=capture, advance=True) if residual else None
+    f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
     for cap in q_iter:
         cap_fp = next(f_iter) if f_iter is not None else {}
         for n, cov in stats.cov.items():
@@ -243,6 +254,20 @@ def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list,
         for _ in f_iter:
             pass
     return stats
+
+
+def _recollect(runner, b: int, name: str, dim: int, envs, envs_fp, fake: dict, recipe: QuantRecipe) -> Covariance:
+    """True-sequential: the covariance of `name` with the block's layers solved so far quantized (`fake`).
+
+    The float stream (not yet advanced past block `b`) supplies the matching float inputs for dXXᵀ."""
+    cov = Covariance(dim, device=recipe.device, residual=envs_fp is not None)
+    f_iter = runner.run(b, envs_fp, capture=[name], advance=False) if envs_fp is not None else None
+    for cap in runner.run(b, envs, capture=[name], weights=fake, advance=False):
+        cov.add(cap[name], next(f_iter)[name] if f_iter is not None else None)
+    if f_iter is not None:
+        for _ in f_iter:
+            pass
+    return cov
 
 
 def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:

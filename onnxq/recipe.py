@@ -28,6 +28,7 @@ class QuantRecipe:
     alpha: float = 0.25  # TurboBoA / GPTAQ residual weight
     error_correction: bool = True  # TurboBoA F2 (second, float stream)
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
+    true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     calib_windows: int = 16
     calib_seq_len: int = 512
     accuracy_level: int = 0  # exact fp32 activations (ORT quantizer default); --target cpu picks 4 (int8, faster)

@@ -106,3 +106,33 @@ def test_data_free_rtn_needs_no_calibration(llama, tmp_path):
     """RTN with a min-max grid never runs the model: no tokenizer or calibration text is needed."""
     rep = quantize(llama, QuantRecipe(algo="rtn", bits=4, group_size=32), tmp_path / "r.onnx", progress=False)
     assert rep.calib_tokens == 0 and rep.layers == 14 and (tmp_path / "r.onnx").exists()
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_hessians_see_quantized_inputs(llama, tmp_path, true_sequential):
+    """With true_sequential, o_proj's reported loss tr(ΔW H ΔWᵀ) uses H from block 0 with its q/k/v quantized."""
+    from onnxq.runtime.session import make_session
+
+    out, windows = tmp_path / "q.onnx", _windows()
+    recipe = QuantRecipe(algo="gptq", bits=2, group_size=32, format="qdq", true_sequential=true_sequential)
+    rep = quantize(llama, recipe, out, windows=windows, progress=False)
+    model = onnx.load(out)
+    (mm,) = [n for n in model.graph.node if n.op_type == "MatMul" and "layers.0/self_attn/o_proj" in n.name]
+    model.graph.output.extend([onnx.ValueInfoProto(name=mm.input[0]), onnx.ValueInfoProto(name=mm.input[1])])
+    (tmp_path / "probe.onnx").write_bytes(model.SerializeToString())
+    s = make_session(tmp_path / "probe.onnx")
+    x, wq = s.run([mm.input[0], mm.input[1]], model_feeds(s, windows))
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    H = 2.0 / len(x) * x.T @ x  # the o_proj input Hessian in the model with block 0's q/k/v quantized
+    w = next(t for t in onnx.load(llama).graph.initializer if t.name == _weight_of(onnx.load(llama), mm.name))
+    dW = wq.astype(np.float64) - onnx.numpy_helper.to_array(w).astype(np.float64)  # [K, N]
+    loss = float(np.trace(dW.T @ H @ dW))
+    reported = rep.layer_losses[mm.name]
+    if true_sequential:
+        assert reported == pytest.approx(loss, rel=1e-3)
+    else:  # the float-block statistics differ from the quantized-q/k/v ones
+        assert abs(reported - loss) > 1e-3 * loss
+
+
+def _weight_of(model, node_name):
+    return next(n.input[1] for n in model.graph.node if n.name == node_name)
