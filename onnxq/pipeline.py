@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +117,14 @@ def quantize(
         _check_finite(l, read_array(weights[l.weight], folder))  # before any calibration: fail fast
 
     in_blocks = [] if data_free else [l for l in layers if l.block is not None]
-    results, losses = {}, {}
-    calib_s = solve_s = 0.0
+    read = partial(_layer_weight, weights=weights, folder=folder)
+    solved = _Solved()
     if in_blocks:
-        calib_s, solve_s = _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress)
+        _blockwise(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder, progress=progress)
+    results, losses = solved.results, solved.losses
     for l in layers:
         if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
-            W = _layer_weight(l, weights, folder)
+            W = read(l)
             res, losses[l.node] = solve_layer(l, W, None, recipe)
             results[l.node] = _compact(res)
             del W, res
@@ -157,21 +160,34 @@ def quantize(
         recipe=recipe.to_dict(),
         layers=n_solved,
         calib_tokens=int(windows.size),
-        calib_seconds=round(calib_s, 2),
-        solve_seconds=round(solve_s, 2),
+        calib_seconds=round(solved.calib_s, 2),
+        solve_seconds=round(solved.solve_s, 2),
         total_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_mb=round(_peak_rss_mb(), 1),
         layer_losses=losses,
     )
 
 
-def _layer_weight(layer: LinearLayer, weights: dict, folder) -> torch.Tensor:
+@dataclass
+class _Solved:
+    """What the solve loop produces: compact results and layer losses by node, and where the time went."""
+
+    results: dict = field(default_factory=dict)
+    losses: dict[str, float] = field(default_factory=dict)
+    calib_s: float = 0.0
+    solve_s: float = 0.0
+
+
+def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:
     """W[d_out, d_in] float32 of `layer`, read from its initializer (or the source's data file) on demand."""
     return torch.from_numpy(read_array(weights[layer.weight], folder).astype(np.float32)).T.contiguous()
 
 
-def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, losses, progress) -> tuple[float, float]:
-    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized); fills results."""
+def _blockwise(
+    proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe, solved: _Solved,
+    *, read: Callable[[LinearLayer], torch.Tensor], ep: str, folder, progress: bool,
+) -> None:
+    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized); fills `solved`."""
     from .runtime.calibrate import BlockRunner
 
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
@@ -184,7 +200,6 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
                 attn_by_block.setdefault(a.block, []).append(a)
     envs = runner.start(batches)
     envs_fp = [dict(e) for e in envs] if need_fp else None
-    calib_s = solve_s = 0.0
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
     for b in bar:
@@ -192,7 +207,7 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
         tc = time.perf_counter()
         stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe)
         recollected = {todo[0].input} if todo else set()
-        calib_s += time.perf_counter() - tc
+        solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
         fake = {}
         for l in todo:
@@ -201,30 +216,31 @@ def _blockwise(proto, in_blocks, windows, recipe, ep, folder, weights, results, 
                 tc = time.perf_counter()
                 stats.cov[l.input] = _recollect(runner, b, l.input, l.k, envs, envs_fp, fake, recipe)
                 recollected.add(l.input)
-                ts += time.perf_counter() - tc
-                calib_s += time.perf_counter() - tc
-            W = _layer_weight(l, weights, folder)
+                spent = time.perf_counter() - tc
+                ts += spent  # re-collection is calibration, not solve time
+                solved.calib_s += spent
+            W = read(l)
             res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
-            results[l.node] = _compact(res)
-            losses[l.node] = loss
+            solved.results[l.node] = _compact(res)
+            solved.losses[l.node] = loss
             fake[l.weight] = res.qweight.T.cpu().numpy()
-        solve_s += time.perf_counter() - ts
+        solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake):
             pass  # advance the quantized stream through the now-quantized block
         if recipe.true_sequential and envs_fp is not None:
             for _ in runner.run(b, envs_fp):
                 pass  # _collect left the float stream at this block's inputs for the re-collections
-        calib_s += time.perf_counter() - tc
+        solved.calib_s += time.perf_counter() - tc
         del stats, fake
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
-    return calib_s, solve_s
 
 
 def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe) -> BlockStats:
     """Run block `b` (float weights) on the quantized stream; accumulate input covariances and attention statistics.
 
-    With a float stream, the block also runs on it (and advances it) to accumulate the residual terms dXXᵀ.
+    With a float stream, the block also runs on it (and advances it, unless true-sequential re-collections still
+    need it) to accumulate the residual terms dXXᵀ.
     """
     stats = BlockStats()
     dims = {l.input: l.k for l in todo}
