@@ -61,7 +61,7 @@ def quantize(
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
     calib_windows: int = typer.Option(16, help="number of calibration windows (x seq-len tokens)"),
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns by Hessian diagonal (default: on for gptq); static groups keep the layout"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
     true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
                                          "layers are quantized (more calibration passes)"),
