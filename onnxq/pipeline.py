@@ -21,6 +21,7 @@ from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
 from .solve import BlockStats, solve_layer
+from .solvers import value_row_hessian
 from .stats import Covariance
 
 
@@ -145,6 +146,7 @@ def quantize(
         "act_order": recipe.act_order,
         "refine_scales": recipe.refine_scales,
         "true_sequential": recipe.true_sequential,
+        "v_row_factor": recipe.v_row_factor,
         "target": recipe.target,
         "accuracy_level": recipe.accuracy_level,
         "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
@@ -206,6 +208,8 @@ def _blockwise(
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
         stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe)
+        if recipe.v_row_factor:
+            stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
         recollected = {todo[0].input} if todo else set()
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
@@ -270,6 +274,13 @@ def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list,
         for _ in f_iter:
             pass
     return stats
+
+
+def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer], torch.Tensor]) -> dict:
+    """V node -> BoA's row factor from the block's float W_O, for attention blocks whose V and O are both solved here."""
+    by_node = {l.node: l for l in todo}
+    return {a.v: value_row_hessian(read(by_node[a.o]), a.n_heads, a.n_kv_heads)
+            for a in attn if a.v in by_node and a.o in by_node}
 
 
 def _recollect(runner, b: int, name: str, dim: int, envs, envs_fp, fake: dict, recipe: QuantRecipe) -> Covariance:

@@ -28,6 +28,7 @@ class QuantRecipe:
     alpha: float = 0.25  # TurboBoA / GPTAQ residual weight
     error_correction: bool = True  # TurboBoA F2 (second, float stream)
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
+    v_row_factor: bool = False  # BoA/TurboBoA: V gets the row Hessian W_O,h^T W_O,h (spec §3), not the identity
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     calib_windows: int = 16
     calib_seq_len: int = 512
@@ -59,6 +60,8 @@ class QuantRecipe:
             raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
         if self.rows_per_block < 1:
             raise OnnxqError("rows per block must be >= 1")
+        if self.v_row_factor and self.algo not in ("boa", "turboboa"):
+            raise OnnxqError(f"--v-row-factor is a BoA/TurboBoA option: use --algo boa or turboboa (not {self.algo})")
         if self.act_order is None:
             self.act_order = self.algo != "rtn"
         if self.accuracy_level not in (0, 1, 2, 3, 4):

@@ -23,6 +23,7 @@ class BlockStats:
 
     cov: dict[str, Covariance] = field(default_factory=dict)
     attention: dict[str, tuple[str, AttentionStats]] = field(default_factory=dict)  # layer node -> (role, stats)
+    v_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # V node -> W_O row factor [n_kv, d_h, d_h]
 
 
 @contextlib.contextmanager
@@ -79,11 +80,16 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
             hv, dv = att.value_hessian()
             if hv is not None:
                 H_in, d_in, heads = hv.to(W.device), (None if dv is None else dv.to(W.device)), att.attn.n_kv_heads
+                H_out = stats.v_rows.get(layer.node)
+                H_out = None if H_out is None else H_out.to(W.device)
         turbo = recipe.algo == "turboboa"
-        res = solve_turboboa(
-            W, H_in, None, spec, n_heads=heads, damp=recipe.damp, dXXt=d_in if turbo else None, alpha=recipe.alpha,
-            refine=turbo, act_order=recipe.act_order,
-        )
+        if H_out is not None and not turbo:
+            res = solve_boa(W, H_in, H_out, spec, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order)
+        else:
+            res = solve_turboboa(
+                W, H_in, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
+                dXXt=d_in if turbo else None, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
+            )
     if recipe.refine_scales and role != "v":
         rows = H_out if role in ("q", "k") and recipe.algo in ("boa", "turboboa") else None
         res = refine_group_scales(

