@@ -428,7 +428,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         "date": dt.datetime.now().isoformat(timespec="minutes"),
         "machine": machine(args.ep),
         "versions": versions(),
-        "model": str(model) + (f"; {_registry_note(args.model)}" if _registry_note(args.model) else ""),
+        "model": "; ".join(x for x in (str(model), _registry_note(args.model)) if x),
         "eval": f"SOTU 2017-2021, first {windows.size} tokens ({text}): {len(windows)} non-overlapping "
                 f"{windows.shape[1]}-token windows, {len(windows) * (windows.shape[1] - 1)} predicted tokens; ORT {args.ep} EP",
         "calibration": f"SOTU 1990-2016, {len(calib)} random {calib.shape[1]}-token windows (seed 0) = {calib.size} "

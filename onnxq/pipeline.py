@@ -218,7 +218,7 @@ def _blockwise(
             bar.set_postfix_str(l.role)
             if recipe.true_sequential and fake and l.input not in recollected:
                 tc = time.perf_counter()
-                stats.cov[l.input] = _recollect(runner, b, l.input, l.k, envs, envs_fp, fake, recipe)
+                stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake).cov[l.input]
                 recollected.add(l.input)
                 spent = time.perf_counter() - tc
                 ts += spent  # re-collection is calibration, not solve time
@@ -240,11 +240,15 @@ def _blockwise(
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
 
 
-def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe) -> BlockStats:
-    """Run block `b` (float weights) on the quantized stream; accumulate input covariances and attention statistics.
+def _collect(
+    runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe, *,
+    weights: dict[str, np.ndarray] | None = None,
+) -> BlockStats:
+    """Run block `b` on the quantized stream (float weights, or `weights` for layers already solved: true-sequential);
+    accumulate input covariances and attention statistics.
 
-    With a float stream, the block also runs on it (and advances it, unless true-sequential re-collections still
-    need it) to accumulate the residual terms dXXᵀ.
+    With a float stream, the block also runs on it (float weights; it advances, unless true-sequential
+    re-collections still need it at this block's inputs) to accumulate the residual terms dXXᵀ.
     """
     stats = BlockStats()
     dims = {l.input: l.k for l in todo}
@@ -258,7 +262,7 @@ def _collect(runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list,
                 stats.attention[getattr(a, role)] = (role, acc)
     accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
     capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()]))
-    q_iter = runner.run(b, envs, capture=capture, advance=False)
+    q_iter = runner.run(b, envs, capture=capture, weights=weights, advance=False)
     f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
     for cap in q_iter:
         cap_fp = next(f_iter) if f_iter is not None else {}
@@ -281,20 +285,6 @@ def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer
     by_node = {l.node: l for l in todo}
     return {a.v: value_row_hessian(read(by_node[a.o]), a.n_heads, a.n_kv_heads)
             for a in attn if a.v in by_node and a.o in by_node}
-
-
-def _recollect(runner, b: int, name: str, dim: int, envs, envs_fp, fake: dict, recipe: QuantRecipe) -> Covariance:
-    """True-sequential: the covariance of `name` with the block's layers solved so far quantized (`fake`).
-
-    The float stream (not yet advanced past block `b`) supplies the matching float inputs for dXXᵀ."""
-    cov = Covariance(dim, device=recipe.device, residual=envs_fp is not None)
-    f_iter = runner.run(b, envs_fp, capture=[name], advance=False) if envs_fp is not None else None
-    for cap in runner.run(b, envs, capture=[name], weights=fake, advance=False):
-        cov.add(cap[name], next(f_iter)[name] if f_iter is not None else None)
-    if f_iter is not None:
-        for _ in f_iter:
-            pass
-    return cov
 
 
 def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -12,7 +12,7 @@ from onnxq.errors import OnnxqError
 from onnxq.io import load_tensor_data
 from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
 
-from .session import ORT_ERRORS, _ort_message, make_session, model_feeds
+from .session import ORT_ERRORS, ort_message, make_session, model_feeds
 
 Env = dict[str, np.ndarray]
 
@@ -96,5 +96,5 @@ def _run(session, names: list[str], feeds: dict[str, np.ndarray], what: str) -> 
     try:
         return session.run(names, feeds)
     except ORT_ERRORS as err:
-        raise OnnxqError(f"ONNX Runtime failed running {what} ({_ort_message(err)}): check that the model runs in "
+        raise OnnxqError(f"ONNX Runtime failed running {what} ({ort_message(err)}): check that the model runs in "
                          "float (onnxq eval) or re-export it") from None

@@ -36,7 +36,7 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
 ORT_ERRORS = _ort_errors()
 
 
-def _ort_message(err: BaseException) -> str:
+def ort_message(err: BaseException) -> str:
     """ORT's message on one line without its "[ONNXRuntimeError] : 1 : FAIL :" prefix, at most 200 characters."""
     text = " ".join(str(err).split())
     return text.split(" : ", 3)[-1][:200] if text.startswith("[ONNXRuntimeError]") else text[:200]
@@ -73,7 +73,7 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, thread
         return ort.InferenceSession(str(model), options, **kwargs)
     except ORT_ERRORS as err:
         what = "the model" if isinstance(model, onnx.ModelProto) else Path(model).name
-        raise OnnxqError(f"ONNX Runtime cannot load {what} ({_ort_message(err)}): check that it runs in float "
+        raise OnnxqError(f"ONNX Runtime cannot load {what} ({ort_message(err)}): check that it runs in float "
                          "(onnxq eval) or re-export it") from None
 
 
