@@ -125,7 +125,7 @@ class EdgeReport:
             f"max_abs {m['max_abs']:.3g}, top-1 agreement {m['top1_agreement']:.3f} "
             f"(last position {'same' if m['last_top1_same'] else 'DIFFERENT'}) -> "
             f"{'match' if m['ok'] else 'MISMATCH'} (tolerance rel_l2 <= {m['tol_rel_l2']:.3g}: {m['tolerance']}"
-            + (f"; within the fp32 tolerance {TOL_WEBGPU if self.ep == 'web-webgpu' else TOL_FP32:g} too"
+            + (f"; within the fp32 tolerance {fp32_tolerance(self.ep):g} too"
                if self.cpu_int8 and m.get("within_fp32_tolerance") and self.ep != "cpu" else "") + ").",
             f"Placement: {p['on_ep']}/{p['layers']} quantized nodes on {p['provider']}"
             + (f"; fell back: {', '.join(fall[:5])}{' …' if len(fall) > 5 else ''}" if fall else "")
@@ -527,7 +527,7 @@ def edge_eval(model: str | Path, ep: str, input_ids: np.ndarray, *, threads: int
         del cpu_int8["ok"], cpu_int8["tol_rel_l2"], cpu_int8["tolerance"]
     run = cpu if ep == "cpu" else run_on(model, ep, input_ids, **kw)
     # the CPU EP runs int8 activations where asked (and fuses QDQ at level 4); another EP may honour accuracy_level=4
-    base = TOL_WEBGPU if ep == "web-webgpu" else TOL_FP32
+    base = fp32_tolerance(ep)
     tol, why = base, ("fp32 activations in WGSL shaders" if ep == "web-webgpu" else
                       "fp32 activations: only summation order differs")
     if cpu_int8 and (int8["nbits"] or ep == "cpu"):
@@ -545,6 +545,11 @@ def edge_eval(model: str | Path, ep: str, input_ids: np.ndarray, *, threads: int
     match["within_fp32_tolerance"] = bool(match["rel_l2"] <= base)  # the EP computed fp32 activations after all
     return EdgeReport(str(model), ep, int(input_ids.shape[1]), run, cpu, match, placement_summary(model, run),
                       cpu_int8, notes)
+
+
+def fp32_tolerance(ep: str) -> float:
+    """rel_l2 allowed against the CPU EP when both compute fp32 activations (WebGPU shaders are looser)."""
+    return TOL_WEBGPU if ep == "web-webgpu" else TOL_FP32
 
 
 def _median(values: list[float]) -> float:
