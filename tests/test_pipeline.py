@@ -111,8 +111,6 @@ def test_data_free_rtn_needs_no_calibration(llama, tmp_path):
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_true_sequential_hessians_see_quantized_inputs(llama, tmp_path, true_sequential):
     """With true_sequential, o_proj's reported loss tr(ΔW H ΔWᵀ) uses H from block 0 with its q/k/v quantized."""
-    from onnxq.runtime.session import make_session
-
     out, windows = tmp_path / "q.onnx", _windows()
     recipe = QuantRecipe(algo="gptq", bits=2, group_size=32, format="qdq", true_sequential=true_sequential)
     rep = quantize(llama, recipe, out, windows=windows, progress=False)
@@ -124,7 +122,9 @@ def test_true_sequential_hessians_see_quantized_inputs(llama, tmp_path, true_seq
     x, wq = s.run([mm.input[0], mm.input[1]], model_feeds(s, windows))
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
     H = 2.0 / len(x) * x.T @ x  # the o_proj input Hessian in the model with block 0's q/k/v quantized
-    w = next(t for t in onnx.load(llama).graph.initializer if t.name == _weight_of(onnx.load(llama), mm.name))
+    source = onnx.load(llama)
+    weight = next(n.input[1] for n in source.graph.node if n.name == mm.name)
+    w = next(t for t in source.graph.initializer if t.name == weight)
     dW = wq.astype(np.float64) - onnx.numpy_helper.to_array(w).astype(np.float64)  # [K, N]
     loss = float(np.trace(dW.T @ H @ dW))
     reported = rep.layer_losses[mm.name]
@@ -133,9 +133,6 @@ def test_true_sequential_hessians_see_quantized_inputs(llama, tmp_path, true_seq
     else:  # the float-block statistics differ from the quantized-q/k/v ones
         assert abs(reported - loss) > 1e-3 * loss
 
-
-def _weight_of(model, node_name):
-    return next(n.input[1] for n in model.graph.node if n.name == node_name)
 
 
 @pytest.mark.parametrize("algo", ["boa", "turboboa"])
