@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         providers_for(args.ep)  # fail here, in one line, before any work
+        if args.resume and not Path(args.resume).is_file():
+            raise OnnxqError(f"--resume {args.resume}: no such results file (give a <date>-<suite>.json, or no value "
+                             "for today's file of the suite)")
     except OnnxqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -166,3 +166,10 @@ def test_resume_runs_only_missing_rows(smoke, tmp_path):
     assert out["rows"][2]["ppl"] == pytest.approx(data["rows"][2]["ppl"], rel=1e-6)  # rerun, same PPL
     assert out["header"]["command"] == data["header"]["command"] and len(out["header"]["resumed"]) == 1
     assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 | 123.00 |" in cut.with_suffix(".md").read_text()
+
+
+def test_resume_of_a_missing_file_fails_in_one_line(tmp_path, capsys):
+    assert R.main(["--suite", "smoke", "--resume", str(tmp_path / "nope.json"), "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume") and "no such results file" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
