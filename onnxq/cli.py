@@ -56,6 +56,9 @@ def quantize(
     bits: int = typer.Option(4, help="2, 3, 4 or 8"),
     group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
+    float_zero: bool = typer.Option(False, "--float-zero/--int-zero", help="asymmetric MatMulNBits with float zero "
+                                    "points: each group's grid spans its exact [min, max] (2-4 bits; +32 bits per "
+                                    "group instead of +bits)"),
     format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
     grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
@@ -91,7 +94,7 @@ def quantize(
         accuracy_level = chosen_level if default("accuracy_level") else accuracy_level
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
-        algo=algo, bits=bits, group_size=group, sym=sym, format=format, grid=grid, damp=damp, act_order=act_order,
+        algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, format=format, grid=grid, damp=damp, act_order=act_order,
         refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()

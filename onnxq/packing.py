@@ -32,17 +32,21 @@ def pack_nbits(
 
     K is padded to k_blocks*block_size with each row's last zero point (so padding dequantizes to 0).
     `scales`/`zeros` have one column per block, or one column in all (per-channel, repeated in every block).
-    `zeros=None` means symmetric: MatMulNBits' implicit zero point 2^(bits-1).
+    `zeros=None` means symmetric: MatMulNBits' implicit zero point 2^(bits-1); float zeros stay unpacked float32.
     """
     n, k = codes.shape
     k_blocks = -(-k // block_size)
     if scales.shape not in ((n, k_blocks), (n, 1)) or (zeros is not None and zeros.shape != scales.shape):
         raise ValueError(f"scales {scales.shape} / zeros do not fit codes {codes.shape} with block_size {block_size}")
     scales = np.broadcast_to(scales, (n, k_blocks)).astype(np.float32)
-    fill = np.full((n, 1), 1 << (bits - 1)) if zeros is None else zeros[:, -1:]
-    padded = np.concatenate([codes, np.broadcast_to(fill, (n, k_blocks * block_size - k))], axis=1)
+    float_zero = zeros is not None and np.issubdtype(zeros.dtype, np.floating)
+    fill = np.full((n, 1), 1 << (bits - 1)) if zeros is None else np.clip(np.round(zeros[:, -1:]), 0, (1 << bits) - 1)
+    padded = np.concatenate([codes, np.broadcast_to(fill.astype(codes.dtype), (n, k_blocks * block_size - k))], axis=1)
     blob = pack_bits(padded.reshape(n, k_blocks, block_size), bits)
-    zp = None if zeros is None else pack_bits(np.broadcast_to(zeros, (n, k_blocks)), bits)
+    if zeros is None:
+        return blob, scales, None
+    zeros = np.broadcast_to(zeros, (n, k_blocks))
+    zp = zeros.astype(np.float32) if float_zero else pack_bits(zeros, bits)
     return blob, scales, zp
 
 

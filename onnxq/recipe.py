@@ -19,6 +19,7 @@ class QuantRecipe:
     bits: int = 4
     group_size: int = 128  # -1 = per output channel
     sym: bool = False
+    float_zero: bool = False  # asymmetric MatMulNBits with float zero points (grid = exact group [min, max]); 2-4 bits
     format: str = "nbits"
     grid: str | None = None  # None: the algorithm's default (rtn: minmax; gptq: see validate; boa/turboboa: hessian)
     damp: float = 0.01
@@ -56,6 +57,9 @@ class QuantRecipe:
             raise OnnxqError(f"unknown grid search {self.grid!r}: use one of {', '.join(GRIDS)}")
         if not 0.0 < self.damp < 1.0:
             raise OnnxqError(f"damping {self.damp} is out of range: use a value in (0, 1), e.g. 0.01")
+        if self.float_zero and (self.sym or self.format != "nbits" or self.bits == 8):
+            raise OnnxqError("float zero points need an asymmetric MatMulNBits grid of 2-4 bits (DequantizeLinear takes "
+                             "integer zero points; ORT has no 8-bit float-zero kernel): drop --float-zero or --sym/--format qdq")
         if self.calib_windows < 1 or self.calib_seq_len < 8:
             raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
         if self.rows_per_block < 1:
@@ -67,11 +71,14 @@ class QuantRecipe:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
         if self.target is not None:
-            from .targets import check
+            from .targets import check, support
 
             problems = check(self.target, self.bits, self.format, self.group_size, accuracy_level=self.accuracy_level)
             if problems:
                 raise OnnxqError(f"target {problems[0]}")
+            if self.float_zero and (4 if self.bits == 3 else self.bits) not in support(self.target).float_zero:
+                raise OnnxqError(f"target {support(self.target).name}: float zero points are verified on the CPU "
+                                 "provider only (2-4 bits): drop --float-zero")
         return self
 
     def to_dict(self) -> dict:

@@ -50,7 +50,7 @@ def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, r
 
 
 def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
-    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym)
+    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym, float_zero=recipe.float_zero)
     cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
         return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")

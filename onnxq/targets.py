@@ -32,6 +32,7 @@ class TargetSupport:
     whole_blocks: bool = False  # MatMulNBits needs K % block_size == 0 (else the node falls back to CPU)
     bias: bool = True  # MatMulNBits accepts the optional g_idx / bias inputs
     blocked_qdq: bool = True  # blocked (not per-channel) DequantizeLinear runs
+    float_zero: tuple[int, ...] = ()  # MatMulNBits widths verified with float zero points (onnxq --float-zero)
     why: dict[str, str] = field(default_factory=dict)  # condition ("nbits2", "qdq_blocked", ...) -> why it fails
     warn: dict[str, str] = field(default_factory=dict)  # condition ("nbits8", "act:float16", ...) -> why it is flagged
     aliases: tuple[str, ...] = ()
@@ -40,7 +41,7 @@ class TargetSupport:
 TARGETS: dict[str, TargetSupport] = {t.name: t for t in (
     TargetSupport(
         "cpu", "CPUExecutionProvider", nbits=(2, 4, 8), qdq=(2, 4, 8), gather=(2, 4, 8),
-        format="nbits", accuracy_level=4, block_size=128,
+        format="nbits", accuracy_level=4, block_size=128, float_zero=(2, 4),  # 8: "does not support ... floating-point zero points"
         why={"act:bfloat16": "the CPU MatMulNBits kernel takes fp32/fp16 activations only"},
         warn={
             "nbits2": "2-bit MatMulNBits on CPU dequantizes to fp32 (ORT PR #25582): smaller, not faster",

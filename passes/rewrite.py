@@ -30,7 +30,7 @@ class QuantizedWeight:
 
     codes: np.ndarray  # [N, K] ints in [0, 2^bits - 1]
     scales: np.ndarray  # [N, G] float32, G = ceil(K / group_size) (1 for per-channel)
-    zeros: np.ndarray | None  # [N, G] ints; None = symmetric, zero 2^(bits-1)
+    zeros: np.ndarray | None  # [N, G] ints, or floats (MatMulNBits only); None = symmetric, zero 2^(bits-1)
     bits: int  # 2, 3, 4 or 8 (3 is stored in 4-bit containers)
     group_size: int  # -1 = per channel
 
@@ -50,6 +50,9 @@ def to_matmulnbits(
         k, n = weight.dims
         bits = 4 if qw.bits == 3 else qw.bits
         block = _nbits_block(qw, k, node.name)
+        if qw.bits == 8 and qw.zeros is not None and qw.zeros.dtype.kind == "f":
+            raise OnnxqError(f"{node.name!r}: ONNX Runtime's MatMulNBits has no 8-bit kernel with float zero points: "
+                             "use integer zero points at 8 bits")
         codes = qw.codes if qw.zeros is not None else qw.codes + (1 << (bits - 1)) - (1 << (qw.bits - 1))
         blob, scales, zp = pack_nbits(codes, qw.scales, qw.zeros, bits, block)
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
@@ -59,6 +62,7 @@ def to_matmulnbits(
             _add(model, names, f"{node.name}.scales", scales.astype(dtype).reshape(-1)),  # 1-D as ORT writes them:
         ]  # onnxruntime-web's WebGPU kernel rejects the 2-D [N, blocks] form
         if zp is not None:
+            zp = zp.astype(dtype) if zp.dtype.kind == "f" else zp  # float zero points: A's dtype, unpacked
             inputs.append(_add(model, names, f"{node.name}.zero_points", zp.reshape(-1)))
         node.CopyFrom(helper.make_node(
             "MatMulNBits", inputs, list(node.output), name=node.name, domain=MS_DOMAIN,
@@ -77,6 +81,9 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     int4/uint4). Groups are blocks along K (axis=0, block_size=group_size); per-channel is per-axis (axis=1).
     Needs opset 21 (opset 25 when any weight is 2-bit), raised as `_raise_opset` describes.
     """
+    if any(qw.zeros is not None and qw.zeros.dtype.kind == "f" for qw in weights.values()):
+        raise OnnxqError("float zero points have no DequantizeLinear form: write MatMulNBits (--format nbits) "
+                         "or use integer zero points")
     bits = {qw.bits for *_, qw in _targets(model.graph, weights)}
     if bits:
         _raise_opset(model, 25 if 2 in bits else 21)  # may replace the graph: look the targets up again after it
@@ -138,7 +145,10 @@ def _problem(qw: QuantizedWeight, k: int, n: int) -> str | None:
         return f"codes shape {qw.codes.shape}, expected [N, K] = {(n, k)}"
     if qw.scales.shape != (n, groups) or (qw.zeros is not None and qw.zeros.shape != (n, groups)):
         return f"scales/zeros shape {qw.scales.shape}, expected [N, groups] = {(n, groups)}"
-    if any(a.min() < 0 or a.max() >= 1 << qw.bits for a in (qw.codes, qw.zeros) if a is not None):
+    float_zero = qw.zeros is not None and qw.zeros.dtype.kind == "f"
+    if float_zero and not np.isfinite(qw.zeros).all():
+        return "float zero points hold NaN/Inf"
+    if any(a.min() < 0 or a.max() >= 1 << qw.bits for a in (qw.codes, None if float_zero else qw.zeros) if a is not None):
         return f"codes/zeros outside [0, {(1 << qw.bits) - 1}]"
     return None
 

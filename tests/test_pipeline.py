@@ -152,3 +152,26 @@ def test_v_row_factor_changes_only_v(llama, tmp_path, algo):
     assert not np.array_equal(a[name("v_proj")], b[name("v_proj")])
     with pytest.raises(Exception, match="BoA/TurboBoA option"):
         QuantRecipe(algo="gptq", v_row_factor=True).validate()
+
+
+def test_float_zero_points_end_to_end(llama, tmp_path):
+    """--float-zero: float32 zero points in every MatMulNBits, counted at 32 bits by inspect, and ORT runs the file."""
+    from onnxq.inspect import inspect_model
+
+    out = tmp_path / "fz.onnx"
+    res = runner.invoke(app, ["quantize", str(llama), "-o", str(out), "--algo", "rtn", "--bits", "2", "--group", "32",
+                              "--float-zero"])
+    assert res.exit_code == 0, res.output
+    layers = [l for l in inspect_model(out)["layers"] if l["format"] == "MatMulNBits"]
+    assert len(layers) == 14 and {l["zero_point"] for l in layers} == {"float32"}
+    assert all(l["bpw_nominal"] == pytest.approx(2 + 64 / 32) for l in layers)  # fp32 scale + fp32 zero per 32
+    assert np.isfinite(_logits(out, _windows(2, 16, seed=1))).all()
+
+
+@pytest.mark.parametrize("extra,needle", [(["--sym"], "asymmetric"), (["--format", "qdq"], "integer zero points"),
+                                          (["--bits", "8"], "8-bit"), (["--target", "cuda"], "CPU provider only")])
+def test_float_zero_refusals(llama, tmp_path, extra, needle):
+    out = tmp_path / "fz.onnx"
+    res = runner.invoke(app, ["quantize", str(llama), "-o", str(out), "--algo", "rtn", "--float-zero", *extra])
+    assert res.exit_code == 2 and needle.lower() in res.output.lower(), res.output
+    assert not out.exists()

@@ -275,3 +275,33 @@ def test_matmulnbits_block_limits(bits, group, message):
     with pytest.raises(OnnxqError, match=message):
         to_matmulnbits(model, {"/layers.0/MatMul": random_weight(16, 1024, bits, group, True, rng)})
     to_qdq(model, {"/layers.0/MatMul": random_weight(16, 1024, bits, group, True, rng)})  # DQ takes any block
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [16, 128, -1])
+def test_float_zero_points_parity(bits, group):
+    """Float zero points (any real value, here outside [0, 2^bits - 1] too) are written unpacked in A's dtype."""
+    rng = np.random.default_rng(bits * 10 + group)
+    model = matmul_model((80, 200, 48))
+    weights = {}
+    for i, (k, n) in enumerate([(80, 200), (200, 48)]):
+        qw = random_weight(n, k, bits, group, False, rng)
+        weights[f"/layers.{i}/MatMul"] = QuantizedWeight(qw.codes, qw.scales, rng.uniform(-3, (1 << bits) + 2, qw.zeros.shape), bits, group)
+    out = to_matmulnbits(model, weights, accuracy_level=0)
+    onnx.checker.check_model(out, full_check=True)
+    zps = [t for t in out.graph.initializer if t.name.endswith("zero_points")]
+    assert len(zps) == 2 and all(t.data_type == TensorProto.FLOAT for t in zps)
+    x = rng.standard_normal((2, 3, 80)).astype(np.float32)
+    w0, w1 = (dequant(weights[f"/layers.{i}/MatMul"]) for i in range(2))
+    ref = np.maximum(x.astype(np.float64) @ w0.T, 0) @ w1.T
+    assert rel_err(session(out).run(None, {"x": x})[0], ref) < 1e-4
+
+
+def test_float_zero_points_refused_where_no_kernel():
+    rng = np.random.default_rng(0)
+    qw = random_weight(200, 80, 8, 16, False, rng)
+    weights = {"/layers.0/MatMul": QuantizedWeight(qw.codes, qw.scales, qw.zeros.astype(np.float64), 8, 16)}
+    with pytest.raises(OnnxqError, match="no 8-bit kernel with float zero points"):
+        to_matmulnbits(matmul_model((80, 200)), weights)
+    with pytest.raises(OnnxqError, match="no DequantizeLinear form"):
+        to_qdq(matmul_model((80, 200)), weights)

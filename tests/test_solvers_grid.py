@@ -102,3 +102,39 @@ def test_hessian_grid_top_k_prefilter():
         return sum(float((D[:, g * 32:(g + 1) * 32] @ H[g * 32:(g + 1) * 32, g * 32:(g + 1) * 32] * D[:, g * 32:(g + 1) * 32]).sum()) for g in range(2))
 
     assert loss(*hessian_weighted_grid(W, H, spec, top_k=48)) <= 1.02 * loss(*exact)
+
+
+def _float_grid_weight(rows=5, n=40, gs=16, bits=3, seed=0):
+    """W whose every group sits on its own grid lo + k*s (k over all codes) with lo > 0: zero is not on the grid."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-n // gs)
+    lo, s = torch.rand(rows, groups, generator=g, dtype=torch.float64) + 0.1, torch.rand(rows, groups, generator=g, dtype=torch.float64) * 0.1 + 0.01
+    k = torch.randint(0, 2**bits, (rows, n), generator=g).double()
+    k[:, ::gs], k[:, 1::gs] = 0, 2**bits - 1  # every group reaches both ends of its grid
+    cols = torch.arange(n) // gs
+    return lo[:, cols] + k * s[:, cols]
+
+
+@pytest.mark.parametrize("grid", ["minmax", "mse", "hessian"])
+def test_float_zero_grid_recovers_an_offset_grid_exactly(grid):
+    """A weight on per-group grids that exclude 0 (n = 40 ragged for groups of 16): float zeros reproduce it to
+    rounding error, integer zeros cannot (their ranges must contain 0)."""
+    W = _float_grid_weight()
+    H = torch.eye(40, dtype=torch.float64) + 0.1
+    exact = solve_rtn(W, QuantSpec(3, 16, False, float_zero=True), grid=grid, H=H)
+    assert exact.zeros.is_floating_point() and (exact.qweight.double() - W).abs().max() < 1e-5
+    torch.testing.assert_close(exact.qweight, ((exact.codes - exact.zeros[:, torch.arange(40) // 16]) * exact.scales[:, torch.arange(40) // 16]))
+    integer = solve_rtn(W, QuantSpec(3, 16, False), grid=grid, H=H)
+    assert (integer.qweight.double() - W).abs().max() > 1e-2
+
+
+def test_fake_quant_integer_zero_is_unchanged():
+    """Integer zeros: clamp(round(w/s) + z) exactly, ties included (w/s = k + 0.5 with odd z)."""
+    w = torch.tensor([0.5, 1.5, -0.5, 2.5, 0.26, 7.0])
+    q, code = fake_quant(w, torch.tensor(1.0), torch.tensor(3.0), 7)
+    torch.testing.assert_close(code, torch.clamp(torch.round(w) + 3, 0, 7))
+
+
+def test_float_zero_spec_errors():
+    with pytest.raises(OnnxqError, match="asymmetric"):
+        QuantSpec(4, 16, True, float_zero=True)

@@ -111,3 +111,23 @@ def test_turboboa_contract(spec):
     for kw in ({}, {"act_order": True}, {"rows_per_block": 3, "dXXt": Hi * 0.01}):
         check_result(solve_turboboa(W, Hi, Ho, spec, n_heads=4, **kw), W, spec)
         check_result(solve_turboboa(W, Hi, None, spec, n_heads=4, **kw), W, spec)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_float_zero_solvers_keep_a_weight_already_on_its_grid(act_order):
+    """A weight on per-group offset grids (0 not on them): with float zeros GPTQ, BoA and TurboBoA (F3 on; F2 off, as
+    it moves the target) keep it, loss ~0; with integer zeros they cannot."""
+    from tests.test_solvers_grid import _float_grid_weight
+
+    _, Hi, Ho = attn_problem(3, n=40)
+    W = _float_grid_weight(rows=32, n=40, gs=16, bits=3, seed=1)
+    f, i = QuantSpec(3, 16, False, float_zero=True), QuantSpec(3, 16, False)
+    runs = {
+        "gptq": lambda s: solve_gptq(W, Hi, s, act_order=act_order, static_groups=True, grid="hessian"),
+        "boa": lambda s: solve_boa(W, Hi, Ho, s, n_heads=4, act_order=act_order),
+        "turboboa": lambda s: solve_turboboa(W, Hi, Ho, s, n_heads=4, rows_per_block=4, act_order=act_order),
+    }
+    for name, run in runs.items():
+        exact, integer = run(f), run(i)
+        assert exact.zeros.is_floating_point(), name
+        assert layer_loss(W, exact.qweight, Hi) < 1e-8 * layer_loss(W, integer.qweight, Hi), name

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .grid import fake_quant
+
 GridFn = Callable[[int, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -30,8 +32,8 @@ def obs_quantize(
                     cur = torch.cat([cur, rest if P is None else rest + V1[..., :j] @ P[:, i1:c, i2:k]], -1)
                 s, z = grid(c, cur)
             w = W1[..., j].clone()
-            code = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            Q[..., c], codes[..., c] = s * (code - z), code.to(torch.int32)
+            Q[..., c], code = fake_quant(w, s, z, maxq)
+            codes[..., c] = code.to(torch.int32)
             E1[..., j], V1[..., j] = (w - Q[..., c]) / U[:, c, c, None], w
             W1[..., j:] -= E1[..., j, None] * U[:, None, c, c:i2]
             if P is not None:

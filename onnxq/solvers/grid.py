@@ -14,15 +14,19 @@ GRIDS = ("minmax", "mse", "hessian")
 
 @dataclass
 class QuantSpec:
-    """Bit width, group size along d_in (-1 = per output channel) and symmetric / asymmetric grid."""
+    """Bit width, group size along d_in (-1 = per output channel), symmetric / asymmetric grid, and whether the
+    asymmetric zero point is a float (MatMulNBits' float zero_points: the grid spans [min, max] exactly)."""
 
     bits: int
     group_size: int
     sym: bool
+    float_zero: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8 or self.group_size == 0 or self.group_size < -1:
             raise OnnxqError(f"invalid quantization spec bits={self.bits} group_size={self.group_size}: use 1-8 bits, group size -1 or >= 1")
+        if self.float_zero and self.sym:
+            raise OnnxqError("float zero points need an asymmetric grid: drop --sym or use integer zero points")
 
     @property
     def maxq(self) -> int:
@@ -40,7 +44,7 @@ class QuantResult:
     qweight: Tensor  # [d_out, d_in] float32
     codes: Tensor  # [d_out, d_in] int32 in [0, 2^bits - 1]
     scales: Tensor  # [d_out, n_groups] float32
-    zeros: Tensor  # [d_out, n_groups] int32
+    zeros: Tensor  # [d_out, n_groups] int32 (float32 for float zero points)
     bits: int
     group_size: int
     sym: bool
@@ -53,15 +57,20 @@ def group_index(n: int, spec: QuantSpec, device: torch.device | None = None) -> 
 
 def make_result(codes: Tensor, scales: Tensor, zeros: Tensor, spec: QuantSpec) -> QuantResult:
     """Pack codes [r, n] and group grids [r, G] into a QuantResult, qweight recomputed in float32."""
-    codes, scales, zeros = codes.to(torch.int32), scales.float(), zeros.round().to(torch.int32)
+    codes, scales = codes.to(torch.int32), scales.float()
+    zeros = zeros.float() if spec.float_zero else zeros.round().to(torch.int32)
     g = group_index(codes.shape[-1], spec, codes.device)
     qweight = (codes - zeros[:, g]).float() * scales[:, g]
     return QuantResult(qweight, codes, scales, zeros, spec.bits, spec.group_size, spec.sym)
 
 
 def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """q = s * (clamp(round(w/s) + z, 0, maxq) - z); returns (q, codes as float)."""
-    code = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    """q = s * (clamp(round(w/s + z), 0, maxq) - z); returns (q, codes as float).
+
+    The zero's integer part is added after rounding, so integer zeros give exactly clamp(round(w/s) + z)."""
+    zero = torch.as_tensor(zero, dtype=w.dtype, device=w.device)
+    whole = torch.round(zero)
+    code = torch.clamp(torch.round(w / scale + (zero - whole)) + whole, 0, maxq)
     return scale * (code - zero), code
 
 
@@ -78,10 +87,20 @@ def _hessian_blocks(H: Tensor, gs: int) -> Tensor:
     return Hp.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _ranges(Wg: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
-    """Per (row, group) range containing 0; symmetric ranges are [-max|w|, max|w|]; all-zero groups get [-1, 1]."""
+def _valid(n: int, gs: int, device: torch.device) -> Tensor:
+    """[G, gs] mask of the real (not padding) columns of `_grouped`."""
+    return (torch.arange(-(-n // gs) * gs, device=device) < n).view(-1, gs)
+
+
+def _ranges(Wg: Tensor, spec: QuantSpec, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per (row, group) range: [min, max] of the real columns for float zeros (constant groups widened to [c, c+1]),
+    else the range widened to contain 0; symmetric ranges are [-max|w|, max|w|]; all-zero groups get [-1, 1]."""
+    if spec.float_zero:
+        lo = Wg.masked_fill(~valid, float("inf")).amin(-1)
+        hi = Wg.masked_fill(~valid, float("-inf")).amax(-1)
+        return lo, torch.where(hi > lo, hi, lo + 1)
     lo, hi = Wg.amin(-1).clamp(max=0), Wg.amax(-1).clamp(min=0)
-    if sym:
+    if spec.sym:
         hi = torch.maximum(-lo, hi)
         lo = -hi
     dead = (lo == 0) & (hi == 0)
@@ -89,17 +108,20 @@ def _ranges(Wg: Tensor, sym: bool) -> tuple[Tensor, Tensor]:
 
 
 def _candidate(lo: Tensor, hi: Tensor, p: float | Tensor, spec: QuantSpec, rnd=torch.round) -> tuple[Tensor, Tensor]:
-    """Scale and zero for the range shrunk by p; the zero is rounded with `rnd` (asymmetric only)."""
+    """Scale and zero for the range shrunk by p (towards 0, or towards its middle for float zeros); the integer zero
+    is rounded with `rnd` (asymmetric only)."""
     s = p * (hi - lo) / spec.maxq
+    if spec.float_zero:
+        return s, -((hi + lo) / 2 - p * (hi - lo) / 2) / s
     z = torch.full_like(s, 2 ** (spec.bits - 1)) if spec.sym else rnd(-p * lo / s)
     return s, z
 
 
-def _best(Wg: Tensor, candidates, score, maxq: int) -> tuple[Tensor, Tensor]:
-    """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta)."""
+def _best(Wg: Tensor, valid: Tensor, candidates, score, maxq: int) -> tuple[Tensor, Tensor]:
+    """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta) on real columns."""
     best = S = Z = None
     for s, z in candidates:
-        err = score(fake_quant(Wg, s[..., None], z[..., None], maxq)[0] - Wg)
+        err = score((fake_quant(Wg, s[..., None], z[..., None], maxq)[0] - Wg).masked_fill(~valid, 0))
         if best is None:
             best, S, Z = err, s, z
             continue
@@ -110,9 +132,10 @@ def _best(Wg: Tensor, candidates, score, maxq: int) -> tuple[Tensor, Tensor]:
 
 def _search(W: Tensor, spec: QuantSpec, cands, score) -> tuple[Tensor, Tensor]:
     """Keep, per (row, group), the first candidate (shrink, zero rounding) with the lowest score(delta)."""
-    Wg = _grouped(W, spec.width(W.shape[-1]))
-    lo, hi = _ranges(Wg, spec.sym)
-    return _best(Wg, (_candidate(lo, hi, p, spec, rnd) for p, rnd in cands), score, spec.maxq)
+    gs = spec.width(W.shape[-1])
+    Wg, valid = _grouped(W, gs), _valid(W.shape[-1], gs, W.device)
+    lo, hi = _ranges(Wg, spec, valid)
+    return _best(Wg, valid, (_candidate(lo, hi, p, spec, rnd) for p, rnd in cands), score, spec.maxq)
 
 
 def minmax_grid(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -134,14 +157,15 @@ def hessian_weighted_grid(
     W [..., r, n], H [..., n, n] (leading dims broadcast with W's); returns (scale, zero) [..., r, G]. With top_k,
     candidates are first ranked by the diagonal score sum H_ii delta_i^2 and only the best top_k get the full score."""
     Hb = _hessian_blocks(H.to(W), spec.width(W.shape[-1]))
-    rnds = [None] if spec.sym else [torch.floor, torch.ceil]
+    rnds = [None] if spec.sym or spec.float_zero else [torch.floor, torch.ceil]
     cands = [(1 - k / 100, r) for k in range(n_shrink) for r in rnds]
     full = lambda d: (torch.einsum("...rgi,...gij->...rgj", d, Hb) * d).sum(-1)  # noqa: E731
     if top_k is None or top_k >= len(cands):
         return _search(W, spec, cands, full)
     diag = Hb.diagonal(dim1=-2, dim2=-1)[..., None, :, :]  # [..., 1, G, gs] broadcast over rows
-    Wg = _grouped(W, spec.width(W.shape[-1]))
-    lo, hi = _ranges(Wg, spec.sym)
+    gs = spec.width(W.shape[-1])
+    Wg, valid = _grouped(W, gs), _valid(W.shape[-1], gs, W.device)
+    lo, hi = _ranges(Wg, spec, valid)
     shrinks = [1 - k / 100 for k in range(n_shrink)]
     cheap = torch.stack([  # rank shrink factors by the diagonal score with a rounded zero point
         ((fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg) ** 2 * diag).sum(-1)
@@ -150,7 +174,7 @@ def hessian_weighted_grid(
     keep = max(1, top_k // len(rnds))
     idx = cheap.topk(keep, dim=0, largest=False).indices.sort(dim=0).values  # [keep, ..., r, G], candidate order
     p_all = torch.tensor(shrinks, dtype=W.dtype, device=W.device)
-    return _best(Wg, (_candidate(lo, hi, p_all[i], spec, rnd) for i in idx for rnd in rnds), full, spec.maxq)
+    return _best(Wg, valid, (_candidate(lo, hi, p_all[i], spec, rnd) for i in idx for rnd in rnds), full, spec.maxq)
 
 
 HESSIAN_TOP_K = 48  # candidates that get the full delta^T H delta score inside the solvers (see hessian_weighted_grid)
