@@ -43,12 +43,17 @@ def _ort(method: str, bits: int, group: int, **kw) -> dict:
 
 
 def _matrix(onnxq_everywhere: list[dict], onnxq_w4_w2: list[dict], ort_methods: tuple[str, ...]) -> list[dict]:
-    """Per setting: onnxq solvers (some only at W4 g128 / W2 g64), then the ORT methods; then the QDQ forms."""
+    """Per setting: onnxq solvers (some only at W4 g128 / W2 g64; float zero points: RTN at 2-4 bits, TurboBoA at
+    W4 g128 / W2 g64), then the ORT methods; then the QDQ forms."""
     rows = []
     for b, g in SETTINGS:
         rows += [_onnxq(a, b, g) for a in onnxq_everywhere]
         if (b, g) in ((4, 128), (2, 64)):
             rows += [_onnxq(a, b, g) for a in onnxq_w4_w2]
+        if b != 8:  # ORT has no 8-bit MatMulNBits kernel with float zero points
+            rows += [_onnxq(dict(algo="rtn"), b, g, float_zero=True)]
+        if (b, g) in ((4, 128), (2, 64)):
+            rows += [_onnxq(dict(algo="turboboa"), b, g, float_zero=True)]
         rows += [_ort(m, b, g) for m in ort_methods]
     rows += [_onnxq(dict(algo="gptq"), 4, 128, format="qdq"), _ort("default", 4, 128, quant_format="qdq")]
     return rows
@@ -112,7 +117,8 @@ def label(cfg: dict) -> str:
     g = "pc" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
     extra = "+gso" if cfg.get("refine_scales") else ""
     qdq = " qdq" if "qdq" in (cfg.get("format"), cfg.get("quant_format")) else ""
-    return f"{cfg['tool']}:{algo}{extra} W{cfg['bits']} {g} {'sym' if cfg['sym'] else 'asym'}{qdq}"
+    grid = "sym" if cfg["sym"] else "asym float-zp" if cfg.get("float_zero") else "asym"
+    return f"{cfg['tool']}:{algo}{extra} W{cfg['bits']} {g} {grid}{qdq}"
 
 
 def versions() -> dict:
