@@ -80,3 +80,42 @@ def test_stage2_with_heads():
     Ho = A @ A.mT
     new = refine_group_scales(W, H, res, H_out=Ho, n_heads=2, sweeps=2)
     assert layer_loss(W, new.qweight, H, Ho, 2) < layer_loss(W, res.qweight, H, Ho, 2)
+
+
+@pytest.mark.parametrize("gs", [-1, 16, 12])
+@pytest.mark.parametrize("with_dx", [False, True])
+def test_stage2_float_zero_never_increases_the_loss_and_moves_the_zeros(gs, with_dx):
+    for seed in range(3):
+        W, H, X = problem(50 + seed, n=40)
+        dXXt = torch.randn(40, 40, dtype=DT) @ H / 20 if with_dx else None
+        start = solve_gptq(W, H, QuantSpec(2, gs, False, float_zero=True))
+        runs = [refine_group_scales(W, H, start, dXXt=dXXt, sweeps=k) for k in range(4)]
+        losses = [asym_objective(W, r, H, dXXt) for r in runs]
+        assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:])) and losses[1] < losses[0]
+        assert all(torch.equal(r.codes, start.codes) and r.zeros.is_floating_point() for r in runs)
+        assert not torch.equal(runs[1].zeros, start.zeros) and bool((runs[3].scales > 0).all())
+
+
+def test_stage2_float_zero_per_channel_is_the_joint_least_squares():
+    """One group per row: one step is the exact argmin over (scale, offset) of the row objective, q = s*code - o."""
+    W, H, X = problem(54)
+    dXXt = torch.randn(40, 40, dtype=DT) @ H / 20
+    res = solve_gptq(W, H, QuantSpec(3, -1, False, float_zero=True))
+    new = refine_group_scales(W, H, res, dXXt=dXXt)
+    for i in range(W.shape[0]):
+        A = torch.stack([res.codes[i].double(), -torch.ones(40, dtype=DT)], 1)
+        s, o = torch.linalg.solve(A.T @ H @ A, A.T @ (H @ W[i] + 0.25 * W[i] @ dXXt))
+        assert float(new.scales[i, 0]) == pytest.approx(float(s), rel=1e-5)
+        assert float(new.zeros[i, 0]) == pytest.approx(float(o / s), rel=1e-5, abs=1e-5)
+
+
+def test_stage2_float_zero_with_heads():
+    W, H, X = problem(55, rows=16, n=32)
+    res = solve_gptq(W, H, QuantSpec(2, 16, False, float_zero=True))
+    Hh = torch.stack([H, H + torch.diag(H.diagonal())])
+    per_head = lambda r: sum(layer_loss(W[8 * h : 8 * h + 8], r.qweight[8 * h : 8 * h + 8], Hh[h]) for h in range(2))
+    assert per_head(refine_group_scales(W, Hh, res, n_heads=2)) < per_head(res)
+    A = torch.randn(2, 8, 8, dtype=DT) + 1.0
+    Ho = A @ A.mT
+    losses = [layer_loss(W, refine_group_scales(W, H, res, H_out=Ho, n_heads=2, sweeps=k).qweight, H, Ho, 2) for k in range(3)]
+    assert losses[2] <= losses[1] < losses[0]

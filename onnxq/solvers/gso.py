@@ -15,11 +15,13 @@ def refine_group_scales(
     W: Tensor, H: Tensor, result: QuantResult, *, dXXt: Tensor | None = None, alpha: float = 0.25,
     H_out: Tensor | None = None, n_heads: int = 1, sweeps: int = 1,
 ) -> QuantResult:
-    """Keep the codes and zeros; minimise L(s) = tr(H_out dW H dW^T) - 2 tr(H_out W (alpha dXX^T) dW^T), dW = Q - W,
-    by exact coordinate descent over every (row, group) scale (rows of a head in order, all heads at once).
+    """Keep the codes; minimise L = tr(H_out dW H dW^T) - 2 tr(H_out W (alpha dXX^T) dW^T), dW = Q - W, by exact
+    coordinate descent over every (row, group) grid, rows of a head in order, all heads at once. Integer zeros stay
+    fixed and each step solves for the scale; float zeros move too: each step solves the 2x2 system for the group's
+    scale and offset jointly (q = s*code - o, zero = o/s).
 
     H [n, n] or per head [n_heads, n, n]; H_out [n_heads, d_h, d_h] or None (= I: rows independent, all at once).
-    Scales stay >= 0; L never increases."""
+    Scales stay >= 0 (> 0 for float zeros); L never increases."""
     W, H, H_out, R = as_work(W, H, H_out, dXXt)
     spec = QuantSpec(result.bits, result.group_size, result.sym, result.zeros.is_floating_point())
     rows, n = W.shape
@@ -36,21 +38,49 @@ def refine_group_scales(
     if R is not None:
         M += alpha * Wv @ R
     dH = H.diagonal(dim1=-2, dim2=-1)
+    if spec.float_zero:
+        Cv, ov = result.codes.to(W).reshape(*shape, n), (s * result.zeros.to(W)).reshape(*shape, -1).clone()
     for _ in range(sweeps):
         for i in range(shape[1]):
             t, hii = (Ho[:, i : i + 1] @ M)[:, 0], Ho[:, i, i]  # t = (H_out M)[i]
             for k in range(sv.shape[-1]):
                 c0, c1 = k * gs, min(k * gs + gs, n)
-                z = Zv[:, i, c0:c1]
-                zH = (z[:, None] @ H[..., c0:c1, :])[:, 0]
-                den = hii * (zH[:, c0:c1] * z).sum(-1)
-                ok = den > 1e-9 * hii * (z * z * dH[..., c0:c1]).sum(-1)  # skip numerically null directions
-                new = (sv[:, i, k] + torch.where(ok, (t[:, c0:c1] * z).sum(-1) / den, 0)).clamp(min=0)
-                delta, sv[:, i, k] = new - sv[:, i, k], new
-                M[:, i] -= delta[:, None] * zH
-                t -= (hii * delta)[:, None] * zH
-    return make_result(result.codes, sv.reshape(rows, -1), result.zeros, spec)
+                if spec.float_zero:
+                    step = _scale_offset_step(Cv[:, i, c0:c1], H[..., c0:c1, :], t, hii, c0, c1, sv[:, i, k])
+                    sv[:, i, k] += step[0]
+                    ov[:, i, k] += step[1]
+                    move = step[2]
+                else:
+                    z = Zv[:, i, c0:c1]
+                    zH = (z[:, None] @ H[..., c0:c1, :])[:, 0]
+                    den = hii * (zH[:, c0:c1] * z).sum(-1)
+                    ok = den > 1e-9 * hii * (z * z * dH[..., c0:c1]).sum(-1)  # skip numerically null directions
+                    new = (sv[:, i, k] + torch.where(ok, (t[:, c0:c1] * z).sum(-1) / den, 0)).clamp(min=0)
+                    move = (new - sv[:, i, k])[:, None] * zH
+                    sv[:, i, k] = new
+                M[:, i] -= move
+                t -= hii[:, None] * move
+    zeros = (ov / sv).reshape(rows, -1) if spec.float_zero else result.zeros
+    return make_result(result.codes, sv.reshape(rows, -1), zeros, spec)
 
+
+def _scale_offset_step(
+    c: Tensor, Hg: Tensor, t: Tensor, hii: Tensor, c0: int, c1: int, s: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact minimiser over one group's (scale, offset) of q = s*c - o: returns (ds, do, dq H) per head; falls back
+    to the offset alone where the joint step would make the scale <= 0 or the system is singular."""
+    cH, oH = (c[:, None] @ Hg)[:, 0], -Hg.sum(-2)  # directions' rows of H: c H, (-1) H
+    a, b, d = hii * (cH[:, c0:c1] * c).sum(-1), -hii * cH[:, c0:c1].sum(-1), -hii * oH[..., c0:c1].sum(-1)
+    r1, r2 = (t[:, c0:c1] * c).sum(-1), -t[:, c0:c1].sum(-1)
+    det = a * d - b * b
+    joint = det > 1e-9 * a * d
+    ds = torch.where(joint, (d * r1 - b * r2) / torch.where(joint, det, 1), 0)
+    do = torch.where(joint, (a * r2 - b * r1) / torch.where(joint, det, 1), 0)
+    alone = ~joint | (s + ds <= 0)
+    ds = torch.where(alone, 0, ds)
+    do = torch.where(alone, torch.where(d > 0, r2 / torch.where(d > 0, d, 1), 0), do)
+    # q changes by ds*c + do*(-1); its row of H
+    return ds, do, ds[:, None] * cH + do[:, None] * oH
 
 def solve_gso(
     W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
