@@ -387,9 +387,11 @@ def _run(args) -> int:
             latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
     _print(rows[0])
     wanted = set(opts["variants"])
+    picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
+    head["rows_planned"] = 1 + sum(picked(label(cfg)) for cfg in SUITES[args.suite])
     for i, cfg in enumerate(SUITES[args.suite]):
         name = label(cfg)
-        if (args.only and args.only not in name) or (args.skip and args.skip in name):
+        if not picked(name):
             continue
         if name in done:
             rows.append(done[name])
@@ -520,6 +522,10 @@ def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"header": head, "rows": rows, "variants": extra}, indent=2))
     lines = [f"# Benchmark `{head['command'].split('--suite ')[1].split()[0]}` ({stem.name})", ""]
+    if len(rows) < head.get("rows_planned", 0):
+        lines += [f"**Partial run: {len(rows)} of {head['rows_planned']} rows so far.** Finish it with "
+                  f"`python -m benchmarks.run --suite {head['command'].split('--suite ')[1].split()[0]} "
+                  f"--resume {stem.name}.json` (same options).", ""]
     lines += [f"- {k}: {v}" for k, v in head.items()] + [""] + table(rows)
     if extra:
         lines += ["", "Same weights, run differently (PPL on the same windows; latency as above):", "",

@@ -157,7 +157,9 @@ def test_resume_runs_only_missing_rows(smoke, tmp_path):
     cut = tmp_path / json_path.name
     kept = data["rows"][:2]  # float and onnxq rtn; pretend the run stopped there
     kept[1] = {**kept[1], "ppl": 123.0}  # a marker a rerun would overwrite
-    cut.write_text(json.dumps({"header": data["header"], "rows": kept, "variants": []}))
+    R.write(cut.with_suffix(""), data["header"], kept, [])
+    assert data["header"]["rows_planned"] == 5
+    assert "**Partial run: 2 of 5 rows so far.**" in cut.with_suffix(".md").read_text()
     rc = R.main(["--suite", "smoke", "--resume", str(cut), "--work", str(tmp / "work"), "--no-latency", "--no-plot"])
     assert rc == 0
     out = json.loads(cut.read_text())
@@ -166,6 +168,7 @@ def test_resume_runs_only_missing_rows(smoke, tmp_path):
     assert out["rows"][2]["ppl"] == pytest.approx(data["rows"][2]["ppl"], rel=1e-6)  # rerun, same PPL
     assert out["header"]["command"] == data["header"]["command"] and len(out["header"]["resumed"]) == 1
     assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 | 123.00 |" in cut.with_suffix(".md").read_text()
+    assert "Partial run" not in cut.with_suffix(".md").read_text()
 
 
 def test_resume_of_a_missing_file_fails_in_one_line(tmp_path, capsys):
