@@ -141,14 +141,17 @@ def versions() -> dict:
 
 
 def machine(ep: str) -> str:
-    """CPU model, cores, memory, execution provider and the load when the run started."""
+    """CPU model, its widest vector extensions and clock, cores, memory, execution provider and the load when the run
+    started (same-named cloud CPUs differ: numbers move between machines with and without AVX-512)."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"^model name\s*:\s*(.+)$", info, re.M).group(1).strip()
+        flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.M).group(1).split())
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+        mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+        cpu += f" [{' '.join(isa) or 'no avx2'}{f', {float(mhz.group(1)):.0f} MHz' if mhz else ''}]"
+    except (OSError, AttributeError):
         pass
     mem = ""
     try:

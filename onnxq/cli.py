@@ -70,6 +70,8 @@ def quantize(
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),
     true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
                                          "layers are quantized (more calibration passes)"),
+    bias_correction: bool = typer.Option(False, help="solve on centred activation statistics and add the output bias "
+                                         "that removes each layer's mean error (an Add after the quantized MatMul)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
     exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
     accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy_level: 0 exact (default), 4 = int8 activations (faster on CPU, small accuracy cost)"),
@@ -95,7 +97,8 @@ def quantize(
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor,
+        bias_correction=bias_correction, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()
     if target:

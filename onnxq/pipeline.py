@@ -147,6 +147,8 @@ def quantize(
         "refine_scales": recipe.refine_scales,
         "true_sequential": recipe.true_sequential,
         "v_row_factor": recipe.v_row_factor,
+        "float_zero": recipe.float_zero,
+        "bias_correction": recipe.bias_correction,
         "target": recipe.target,
         "accuracy_level": recipe.accuracy_level,
         "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
@@ -213,12 +215,13 @@ def _blockwise(
         recollected = {todo[0].input} if todo else set()
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
-        fake = {}
+        fake, fake_bias = {}, {}
         for l in todo:
             bar.set_postfix_str(l.role)
             if recipe.true_sequential and fake and l.input not in recollected:
                 tc = time.perf_counter()
-                stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake).cov[l.input]
+                stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake,
+                                              biases=fake_bias).cov[l.input]
                 recollected.add(l.input)
                 spent = time.perf_counter() - tc
                 ts += spent  # re-collection is calibration, not solve time
@@ -228,23 +231,26 @@ def _blockwise(
             solved.results[l.node] = _compact(res)
             solved.losses[l.node] = loss
             fake[l.weight] = res.qweight.T.cpu().numpy()
+            if res.bias is not None:
+                fake_bias[l.node] = res.bias.cpu().numpy()
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
-        for _ in runner.run(b, envs, weights=fake):
+        for _ in runner.run(b, envs, weights=fake, biases=fake_bias):
             pass  # advance the quantized stream through the now-quantized block
         if recipe.true_sequential and envs_fp is not None:
             for _ in runner.run(b, envs_fp):
                 pass  # _collect left the float stream at this block's inputs for the re-collections
         solved.calib_s += time.perf_counter() - tc
-        del stats, fake
+        del stats, fake, fake_bias
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
 
 
 def _collect(
     runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe, *,
-    weights: dict[str, np.ndarray] | None = None,
+    weights: dict[str, np.ndarray] | None = None, biases: dict[str, np.ndarray] | None = None,
 ) -> BlockStats:
-    """Run block `b` on the quantized stream (float weights, or `weights` for layers already solved: true-sequential);
+    """Run block `b` on the quantized stream (float weights, or `weights` and output `biases` for layers already
+    solved: true-sequential);
     accumulate input covariances and attention statistics.
 
     With a float stream, the block also runs on it (float weights; it advances, unless true-sequential
@@ -262,7 +268,7 @@ def _collect(
                 stats.attention[getattr(a, role)] = (role, acc)
     accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
     capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()]))
-    q_iter = runner.run(b, envs, capture=capture, weights=weights, advance=False)
+    q_iter = runner.run(b, envs, capture=capture, weights=weights, biases=biases, advance=False)
     f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
     for cap in q_iter:
         cap_fp = next(f_iter) if f_iter is not None else {}
@@ -304,13 +310,16 @@ def _check_finite(layer: LinearLayer, w: np.ndarray) -> None:
 def _compact(res):
     """A QuantResult holding only what the rewrite needs: codes as uint8 (bits <= 8), no fake-quant weight."""
     return replace(res, qweight=torch.empty(0), codes=res.codes.to(torch.uint8).cpu(), scales=res.scales.cpu(),
-                   zeros=res.zeros.cpu())
+                   zeros=res.zeros.cpu(), bias=None if res.bias is None else res.bias.cpu())
 
 
 def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:
-    """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul."""
-    from .passes.rewrite import QuantizedWeight, to_matmulnbits, to_qdq
+    """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul (+ Add of their output bias, if any)."""
+    from .passes.rewrite import QuantizedWeight, add_output_bias, to_matmulnbits, to_qdq
 
+    dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer}
+    biases = {l.node: results[l.node].bias.numpy().astype(dtypes[l.weight]) for l in layers
+              if results[l.node].bias is not None}
     qw = {}
     for l in layers:
         r = results[l.node]
@@ -322,8 +331,10 @@ def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, r
             group_size=r.group_size,
         )
     if recipe.format == "nbits":
-        return to_matmulnbits(proto, qw, accuracy_level=recipe.accuracy_level)
-    return to_qdq(proto, qw)
+        out = to_matmulnbits(proto, qw, accuracy_level=recipe.accuracy_level)
+    else:
+        out = to_qdq(proto, qw)
+    return add_output_bias(out, biases) if biases else out
 
 
 def _trim_heap() -> None:

@@ -31,6 +31,7 @@ class QuantRecipe:
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
     v_row_factor: bool = False  # BoA/TurboBoA: V gets the row Hessian W_O,h^T W_O,h (spec §3), not the identity
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
+    bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
     calib_windows: int = 16
     calib_seq_len: int = 512
     accuracy_level: int = 0  # exact fp32 activations (ORT quantizer default); --target cpu picks 4 (int8, faster)
@@ -55,6 +56,9 @@ class QuantRecipe:
             self.grid = {"rtn": "minmax", "gptq": "mse"}.get(self.algo, "hessian")
         if self.grid not in GRIDS:
             raise OnnxqError(f"unknown grid search {self.grid!r}: use one of {', '.join(GRIDS)}")
+        if self.bias_correction and self.algo == "rtn" and self.grid != "hessian":
+            raise OnnxqError("--bias-correction needs activation means from calibration, which data-free RTN skips: "
+                             "add --grid hessian or use another --algo")
         if not 0.0 < self.damp < 1.0:
             raise OnnxqError(f"damping {self.damp} is out of range: use a value in (0, 1), e.g. 0.01")
         if self.float_zero and (self.sym or self.format != "nbits" or self.bits == 8):

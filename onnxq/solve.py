@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -12,7 +12,8 @@ from .attention_stats import AttentionStats
 from .errors import OnnxqError
 from .recipe import QuantRecipe
 from .solvers import (
-    QuantResult, QuantSpec, layer_loss, refine_group_scales, solve_boa, solve_gptq, solve_rtn, solve_turboboa,
+    QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_group_scales, solve_boa,
+    solve_gptq, solve_rtn, solve_turboboa,
 )
 from .stats import Covariance
 
@@ -41,7 +42,8 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 
 def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
-    """Quantize W[d_out, d_in] of `layer`; returns the result and its layer loss tr(ΔW H ΔWᵀ) (nan without data)."""
+    """Quantize W[d_out, d_in] of `layer`; returns the result and its layer loss tr(ΔW H ΔWᵀ) (nan without data; H
+    centred when the recipe adds a mean-correcting output bias)."""
     with _one_thread(W.device):
         try:
             return _solve(layer, W, stats, recipe)
@@ -57,6 +59,11 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
     H = cov.hessian().to(W.device)
     dXXt = cov.residual()
     dXXt = None if dXXt is None else dXXt.to(W.device)
+    mean, mean_fp = cov.mean().to(W.device), cov.mean_fp()
+    if recipe.bias_correction:  # the output bias absorbs the mean error: solve on centred statistics
+        H = centered_hessian(H, mean)
+        if dXXt is not None and mean_fp is not None:
+            dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
     role, att = stats.attention.get(layer.node, (None, None))
     H_out, heads = None, 1
     if recipe.algo == "rtn":
@@ -96,6 +103,8 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
             W, H, res, dXXt=dXXt if recipe.algo == "turboboa" else None, alpha=recipe.alpha,
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
+    if recipe.bias_correction:
+        res = replace(res, bias=output_bias(W, res.qweight, mean, mean_fp))
     return res, float(layer_loss(W, res.qweight, H))
 
 

@@ -115,6 +115,28 @@ def to_qdq(model: onnx.ModelProto, weights: dict[str, QuantizedWeight]) -> onnx.
     return model
 
 
+def add_output_bias(model: onnx.ModelProto, biases: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Route each named node's first output through Add(output, bias) (same tensor name downstream), in place.
+
+    `biases` maps node name -> [N] array in the output's dtype; works on MatMul, MatMulNBits and QDQ MatMuls alike."""
+    names = Names(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    missing = sorted(set(biases) - set(nodes))
+    if missing:
+        raise OnnxqError(f"cannot add an output bias to {missing[0]!r}: no node of that name in the graph")
+    add_for = {}
+    for name, bias in biases.items():
+        node = nodes[name]
+        out = node.output[0]
+        node.output[0] = names.unique(f"{out}.no_bias")
+        b = _add(model, names, f"{name}.bias", np.ascontiguousarray(bias).reshape(-1))
+        add_for[name] = helper.make_node("Add", [node.output[0], b], [out], name=names.unique(f"{name}.bias_add"))
+    order = [x for node in model.graph.node for x in [node] + ([add_for[node.name]] if node.name in add_for else [])]
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return model
+
+
 def _targets(
     graph: onnx.GraphProto, weights: dict[str, QuantizedWeight]
 ) -> list[tuple[onnx.NodeProto, TensorProto, QuantizedWeight]]:

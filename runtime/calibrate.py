@@ -11,6 +11,7 @@ from onnxq.analysis import Partition
 from onnxq.errors import OnnxqError
 from onnxq.io import load_tensor_data
 from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
+from onnxq.passes.rewrite import add_output_bias
 
 from .session import ORT_ERRORS, ort_message, make_session, model_feeds
 
@@ -50,17 +51,22 @@ class BlockRunner:
         *,
         capture: list[str] = (),
         weights: dict[str, np.ndarray] | None = None,
+        biases: dict[str, np.ndarray] | None = None,
         advance: bool = True,
     ) -> Iterator[dict[str, np.ndarray]]:
         """Run block `index` on every environment, yielding the captured tensors per batch.
 
         With `advance`, each environment is updated in place with the block's outputs (the next block's
-        inputs); tensors no later piece reads are dropped. `weights` overrides initializers by name.
+        inputs); tensors no later piece reads are dropped. `weights` overrides initializers by name; `biases` (node
+        name -> [N]) adds an output bias after those nodes.
         """
         sub = self.blocks[index]
         protos = {k: numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in (weights or {}).items()}
         extra = [c for c in capture if c not in sub.inputs]
-        session = make_session(self._piece(sub, extra=extra, weights=protos), self.ep, threads=self.threads)
+        piece = self._piece(sub, extra=extra, weights=protos)
+        if biases:
+            piece = add_output_bias(piece, {k: np.asarray(v, np.float32) for k, v in biases.items()})
+        session = make_session(piece, self.ep, threads=self.threads)
         names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
         keep = self._live_after(index) | set(sub.outputs)
         for env in envs:

@@ -175,3 +175,39 @@ def test_float_zero_refusals(llama, tmp_path, extra, needle):
     res = runner.invoke(app, ["quantize", str(llama), "-o", str(out), "--algo", "rtn", "--float-zero", *extra])
     assert res.exit_code == 2 and needle.lower() in res.output.lower(), res.output
     assert not out.exists()
+
+
+def test_bias_correction_end_to_end(llama, tmp_path):
+    """--bias-correction: every quantized MatMul gets an Add; block 0's q_proj (whose input no quantized layer
+    precedes) carries b = E[x] (W - Q) and reports the loss tr(ΔWᵀ Hc ΔW), both measured on the output model."""
+    out, windows = tmp_path / "q.onnx", _windows()
+    recipe = QuantRecipe(algo="gptq", bits=2, group_size=32, format="qdq", bias_correction=True)
+    rep = quantize(llama, recipe, out, windows=windows, progress=False)
+    model = onnx.load(out)
+    assert read_provenance(model)["bias_correction"] in (True, "True", "true")
+    adds = {n.name: n for n in model.graph.node if n.op_type == "Add" and n.name.endswith(".bias_add")}
+    assert len(adds) == 14
+    (mm,) = [n for n in model.graph.node if n.op_type == "MatMul" and "layers.0/self_attn/q_proj" in n.name]
+    add = adds[f"{mm.name}.bias_add"]
+    bias = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == add.input[1]))
+    model.graph.output.extend([onnx.ValueInfoProto(name=mm.input[0]), onnx.ValueInfoProto(name=mm.input[1])])
+    (tmp_path / "probe.onnx").write_bytes(model.SerializeToString())
+    s = make_session(tmp_path / "probe.onnx")
+    x, wq = s.run([mm.input[0], mm.input[1]], model_feeds(s, windows))
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mu = x.mean(0)
+    Hc = 2.0 / len(x) * (x - mu).T @ (x - mu)
+    source = onnx.load(llama)
+    weight = next(n.input[1] for n in source.graph.node if n.name == mm.name)
+    w = onnx.numpy_helper.to_array(next(t for t in source.graph.initializer if t.name == weight)).astype(np.float64)
+    dW = wq.astype(np.float64) - w  # [K, N]
+    scale = (np.abs(mu) @ np.abs(dW)).max()  # size of the terms summed: the bias is a small difference of them
+    np.testing.assert_allclose(bias, -mu @ dW, rtol=0, atol=1e-4 * scale)
+    assert np.abs(bias).max() > 0.05 * scale
+    assert rep.layer_losses[mm.name] == pytest.approx(float(np.trace(dW.T @ Hc @ dW)), rel=1e-4)
+    assert np.isfinite(_logits(out, _windows(2, 16, seed=1))).all()
+
+
+def test_bias_correction_needs_data(llama, tmp_path):
+    res = runner.invoke(app, ["quantize", str(llama), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn", "--bias-correction"])
+    assert res.exit_code == 2 and "needs activation means" in res.output, res.output

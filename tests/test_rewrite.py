@@ -305,3 +305,25 @@ def test_float_zero_points_refused_where_no_kernel():
         to_matmulnbits(matmul_model((80, 200)), weights)
     with pytest.raises(OnnxqError, match="no DequantizeLinear form"):
         to_qdq(matmul_model((80, 200)), weights)
+
+
+@pytest.mark.parametrize("fmt", ["nbits", "qdq", "float"])
+def test_output_bias_parity(fmt):
+    """add_output_bias after MatMulNBits, QDQ or a float MatMul: ORT equals (x W0 + b0)+ W1 + b1 (ReLU between)."""
+    rng = np.random.default_rng(7)
+    model = matmul_model((80, 200, 48))
+    weights = {f"/layers.{i}/MatMul": random_weight(n, k, 4, 32, False, rng) for i, (k, n) in enumerate([(80, 200), (200, 48)])}
+    biases = {f"/layers.{i}/MatMul": rng.standard_normal(n).astype(np.float32) for i, n in enumerate([200, 48])}
+    out = model if fmt == "float" else rewritten(model, weights, fmt)
+    out = rewrite.add_output_bias(out, biases)
+    onnx.checker.check_model(out, full_check=True)
+    adds = [n for n in out.graph.node if n.op_type == "Add"]
+    assert len(adds) == 2 and out.graph.output[0].name == adds[1].output[0]
+    x = rng.standard_normal((2, 3, 80)).astype(np.float32)
+    w0, w1 = ((dequant(weights[f"/layers.{i}/MatMul"]) if fmt != "float" else weight_of(model, f"/layers.{i}/MatMul").T)
+              for i in range(2))
+    b0, b1 = biases["/layers.0/MatMul"], biases["/layers.1/MatMul"]
+    ref = np.maximum(x.astype(np.float64) @ w0.T + b0, 0) @ w1.T + b1
+    assert rel_err(session(out).run(None, {"x": x})[0], ref) < 1e-4
+    with pytest.raises(OnnxqError, match="no node of that name"):
+        rewrite.add_output_bias(out, {"/nope/MatMul": b0})

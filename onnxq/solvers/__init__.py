@@ -1,4 +1,5 @@
 """Pure-torch weight quantization solvers: grids, the shared OBS engine, RTN, GPTQ/GPTAQ, BoA, TurboBoA, gso."""
+from .bias import centered_hessian, centered_residual, output_bias
 from .boa import solve_boa
 from .engine import obs_quantize
 from .grid import QuantResult, QuantSpec, find_grid, hessian_weighted_grid, minmax_grid, mse_grid
@@ -9,7 +10,8 @@ from .rtn import solve_rtn
 from .turboboa import solve_turboboa
 
 __all__ = [
-    "QuantResult", "QuantSpec", "derotate_average", "factor", "find_grid", "gqa_average", "gqa_replicate",
-    "hessian_weighted_grid", "layer_loss", "minmax_grid", "mse_grid", "obs_quantize", "refine_group_scales", "value_row_hessian",
+    "QuantResult", "QuantSpec", "centered_hessian", "centered_residual", "derotate_average", "factor", "find_grid", "gqa_average", "gqa_replicate",
+    "hessian_weighted_grid", "layer_loss", "minmax_grid", "mse_grid", "obs_quantize", "output_bias", "refine_group_scales",
+    "value_row_hessian",
     "solve_boa", "solve_gptq", "solve_gso", "solve_rtn", "solve_turboboa",
 ]

@@ -48,6 +48,7 @@ class QuantResult:
     bits: int
     group_size: int
     sym: bool
+    bias: Tensor | None = None  # [d_out] float32 output bias (mean correction), added after the MatMul
 
 
 def group_index(n: int, spec: QuantSpec, device: torch.device | None = None) -> Tensor:
