@@ -109,6 +109,7 @@ OPTIONS: dict[str, dict] = {
 }
 DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=16, variants=[])
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+QDQ_FUSION = "QDQSelectorActionTransformer"  # ORT's DQ -> MatMul => MatMulNBits rewrite (tests/test_targets.py)
 
 
 def label(cfg: dict) -> str:
@@ -296,9 +297,10 @@ def variants(row: dict, quant: Path, past: Path, windows: np.ndarray, lat: dict,
                 _drop(p_acc)
                 out.append(v)
         elif "DQ→MatMul" in row.get("formats", []):
-            for name, off in (("DQ→MatMul, fused to MatMulNBits by ORT (default)", None),
-                              ("DQ→MatMul, fusion off (DQMatMulToMatMulNBits disabled)", ["DQMatMulToMatMulNBits"])):
-                v = {"label": row["label"], "form": name, "ppl": row["ppl"] if off is None else None}
+            for name, off in (("DQ→MatMul, fused to MatMulNBits by ORT (default: int8 activations)", None),
+                              ("DQ→MatMul, fusion off (QDQSelectorActionTransformer disabled)", [QDQ_FUSION])):
+                v = {"label": row["label"], "form": name,
+                     "ppl": row["ppl"] if off is None else round(perplexity(quant, windows, ep, disabled_optimizers=off), 3)}
                 v["latency"] = L.measure(moved, ep=ep, threads=threads, tokens=tokens, disabled_optimizers=off, **lat)
                 out.append(v)
     except Exception as err:

@@ -12,7 +12,8 @@ from .errors import OnnxqError
 
 FORMATS = ("nbits", "qdq", "gather", "float")
 _ACC_RISK = "accuracy_level=4 quantizes activations to int8: wrong argmax on massive-activation LLMs (onnxruntime#29849); validate, or use 1"
-_QDQ_UNFUSED = "is not fused into MatMulNBits (ORT's DQMatMulToMatMulNBits takes 4-bit only): it runs as float DequantizeLinear + MatMul"
+_QDQ_FUSED = ("ORT's QDQ transformer rewrites DequantizeLinear -> MatMul into MatMulNBits with int8 activations "
+              "(session.qdq_matmulnbits_accuracy_level defaults to 4; set it to 0 for exact fp32 activations)")
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class TargetSupport:
     name: str
     provider: str  # ONNX Runtime execution provider
     nbits: tuple[int, ...]  # MatMulNBits bit widths with a kernel
-    qdq: tuple[int, ...]  # DequantizeLinear -> MatMul widths that run (4-bit is rewritten to MatMulNBits by ORT)
+    qdq: tuple[int, ...]  # DequantizeLinear -> MatMul widths that run
     gather: tuple[int, ...]  # GatherBlockQuantized widths with a kernel (others fall back to CPU)
     format: str  # what `quantize --target` writes
     accuracy_level: int  # MatMulNBits accuracy_level `quantize --target` writes
@@ -33,6 +34,7 @@ class TargetSupport:
     bias: bool = True  # MatMulNBits accepts the optional g_idx / bias inputs
     blocked_qdq: bool = True  # blocked (not per-channel) DequantizeLinear runs
     float_zero: tuple[int, ...] = ()  # MatMulNBits widths verified with float zero points (onnxq --float-zero)
+    qdq_fused: tuple[int, ...] = (4,)  # DequantizeLinear -> MatMul widths ORT rewrites into MatMulNBits
     why: dict[str, str] = field(default_factory=dict)  # condition ("nbits2", "qdq_blocked", ...) -> why it fails
     warn: dict[str, str] = field(default_factory=dict)  # condition ("nbits8", "act:float16", ...) -> why it is flagged
     aliases: tuple[str, ...] = ()
@@ -42,13 +44,13 @@ TARGETS: dict[str, TargetSupport] = {t.name: t for t in (
     TargetSupport(
         "cpu", "CPUExecutionProvider", nbits=(2, 4, 8), qdq=(2, 4, 8), gather=(2, 4, 8),
         format="nbits", accuracy_level=4, block_size=128, float_zero=(2, 4),  # 8: "does not support ... floating-point zero points"
+        qdq_fused=(2, 4, 8),  # measured on ORT 1.32 (tests/test_targets.py): every width, blocked and per-axis
         why={"act:bfloat16": "the CPU MatMulNBits kernel takes fp32/fp16 activations only"},
         warn={
             "nbits2": "2-bit MatMulNBits on CPU dequantizes to fp32 (ORT PR #25582): smaller, not faster",
             "nbits8": "8-bit MatMulNBits has x86 kernels only (ORT PR #24491); ARM/Android builds fail with "
                       "'Only 4b quantization is supported for unpacked compute' (onnxruntime#24769)",
-            "qdq2": f"2-bit DequantizeLinear (opset 25) {_QDQ_UNFUSED}",
-            "qdq8": f"8-bit blocked DequantizeLinear {_QDQ_UNFUSED}",
+            "qdq_fused": _QDQ_FUSED,
             "act:float16": "fp16 activations run about 6x slower than fp32 in CPU MatMulNBits (onnxruntime#27251)",
             "accuracy_level:0": "accuracy_level unset: CPU uses the fp32 kernel, about 2.3x slower decode than "
                                 "accuracy_level=4 (onnxruntime/mobius PR #402)",
@@ -59,7 +61,8 @@ TARGETS: dict[str, TargetSupport] = {t.name: t for t in (
         "cuda", "CUDAExecutionProvider", nbits=(4, 8), qdq=(4, 8), gather=(4,),
         format="nbits", accuracy_level=0, block_size=128, activations=("float32", "float16", "bfloat16"),
         why={"nbits2": "CUDA MatMulNBits accepts 4 and 8 bits (ORT design doc PR #32657); 2-bit kernels are in flux"},
-        warn={"qdq8": f"8-bit blocked DequantizeLinear {_QDQ_UNFUSED}"},
+        warn={"qdq8": "8-bit blocked DequantizeLinear -> MatMul is unverified on CUDA here (no GPU): where ORT does "
+                      "not fuse it into MatMulNBits it runs as float DequantizeLinear + MatMul"},
     ),
     TargetSupport(
         "webgpu", "WebGpuExecutionProvider", nbits=(2, 4, 8), qdq=(4,), gather=(4,),
@@ -181,8 +184,8 @@ def _lint(t: TargetSupport, bits: int, fmt: str, block_size: int, k: int | None,
     if fmt == "gather" and width not in t.gather:
         warnings.append(f"no {width}-bit GatherBlockQuantized kernel: the embedding lookup runs on CPU")
     keys = {"nbits": [f"nbits{width}", "nbits", f"act:{act}", f"accuracy_level:{level}"], "qdq": [f"qdq{width}"]}.get(fmt, [])
-    if fmt == "qdq" and width == 4 and 4 in t.nbits:  # ORT rewrites 4-bit DQ -> MatMul into MatMulNBits
-        keys += ["nbits4", "nbits", f"act:{act}"]
+    if fmt == "qdq" and width in t.qdq_fused and width in t.nbits:  # ORT rewrites DQ -> MatMul into MatMulNBits
+        keys += ["qdq_fused", f"nbits{width}", "nbits", f"act:{act}"]
     warnings += list(dict.fromkeys(t.warn[key] for key in keys if key in t.warn))
     return [], [f"{t.name}: {w}" for w in warnings]
 

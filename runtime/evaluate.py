@@ -28,15 +28,16 @@ def _check_windows(windows: np.ndarray) -> None:
         raise OnnxqError(f"token windows must be [n >= 1, seq_len >= 2], got {list(windows.shape)}")
 
 
-def perplexity(model: Model, windows: np.ndarray, ep: str = "cpu") -> float:
+def perplexity(model: Model, windows: np.ndarray, ep: str = "cpu", *, disabled_optimizers: list[str] | None = None) -> float:
     """exp(mean next-token NLL) over all predicted tokens of all windows.
 
     Method: each row of `windows` is run alone as a fresh sequence (batch 1, positions 0..L-1, empty cache, no BOS
     added); the logits at position t score token t+1, so a window of L tokens predicts L-1 tokens and its first token
     is never predicted. Log-softmax is taken in float64; the NLLs of all windows are pooled, averaged, exponentiated.
+    `disabled_optimizers` names ORT graph transformers to switch off (e.g. QDQSelectorActionTransformer).
     """
     _check_windows(windows)
-    session = make_session(model, ep)
+    session = make_session(model, ep, disabled_optimizers=disabled_optimizers)
     total, count = 0.0, 0
     for window in windows:
         logits = _logits(session, window[None])[0, :-1].astype(np.float64)

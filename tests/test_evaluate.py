@@ -104,3 +104,19 @@ def test_file_size_counts_external_data(tiny, tmp_path):
     graph_only = (tmp_path / "ext.onnx").stat().st_size
     assert file_size(tmp_path / "ext.onnx") == graph_only + (tmp_path / "ext.onnx.data").stat().st_size
     assert graph_only < tiny[1].stat().st_size / 2  # the weights really moved out
+
+
+def test_perplexity_with_ort_fusion_off(tiny, windows, tmp_path):
+    """QDQ runs fused into int8-activation MatMulNBits by default; with QDQSelectorActionTransformer disabled it
+    computes exactly what the same codes written as MatMulNBits at accuracy_level 0 compute."""
+    from onnxq import QuantRecipe
+    from onnxq.pipeline import quantize
+
+    _, path, _ = tiny
+    for fmt in ("qdq", "nbits"):
+        quantize(path, QuantRecipe(algo="rtn", bits=4, group_size=32, format=fmt), tmp_path / f"{fmt}.onnx", progress=False)
+    exact = perplexity(tmp_path / "nbits.onnx", windows)
+    unfused = perplexity(tmp_path / "qdq.onnx", windows, disabled_optimizers=["QDQSelectorActionTransformer"])
+    fused = perplexity(tmp_path / "qdq.onnx", windows)
+    assert unfused == pytest.approx(exact, rel=1e-5)
+    assert abs(fused - exact) > 1e-5 * exact

@@ -50,7 +50,8 @@ def test_advise_slow_and_risky_settings():
     assert "slower decode" in " ".join(targets.advise("cpu", 4, "nbits", accuracy_level=0))
     assert "29849" in " ".join(targets.advise("cpu", 4, "nbits", accuracy_level=4))
     assert "6x slower" in " ".join(targets.advise("cpu", 4, "nbits", accuracy_level=1, act_dtype="float16"))
-    assert "not fused" in " ".join(targets.advise("cpu", 8, "qdq", 128))
+    assert "qdq_matmulnbits_accuracy_level" in " ".join(targets.advise("cpu", 8, "qdq", 128))
+    assert "unverified on CUDA" in " ".join(targets.advise("cuda", 8, "qdq", 128))
     assert "runs on CPU" in " ".join(targets.advise("dml", 4, "gather"))
     assert targets.advise("cpu", 4, "nbits", accuracy_level=1) == []
     assert targets.advise("cuda", 4, "nbits", accuracy_level=0) == []
@@ -82,3 +83,31 @@ def test_choice_passes_its_own_check(name):
 def test_unknown_format_is_refused():
     with pytest.raises(OnnxqError, match="unknown weight format"):
         targets.check("cpu", 4, "awq")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, -1])
+def test_cpu_fuses_qdq_matmul_into_matmulnbits(tmp_path, bits, group):
+    """The fact behind CPU's qdq_fused: ORT's QDQ transformer turns DQ -> MatMul into MatMulNBits at every width,
+    unless QDQSelectorActionTransformer is disabled."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from onnxq.passes import to_qdq
+    from tests.test_rewrite import random_weight
+    from tests.tiny import matmul_model
+
+    rng = np.random.default_rng(bits)
+    weights = {f"/layers.{i}/MatMul": random_weight(n, k, bits, group, False, rng) for i, (k, n) in enumerate([(64, 64), (64, 32)])}
+    model = to_qdq(matmul_model((64, 64, 32)), weights)
+
+    def fused(disabled):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node].count("MatMulNBits")
+
+    assert (4 if bits == 3 else bits) in targets.support("cpu").qdq_fused
+    assert fused([]) >= 1 and fused(["QDQSelectorActionTransformer"]) == 0
+
