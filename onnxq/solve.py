@@ -104,7 +104,8 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
     if recipe.bias_correction:
-        res = replace(res, bias=output_bias(W, res.qweight, mean, mean_fp))
+        fp = mean_fp if recipe.algo == "turboboa" else None  # only TurboBoA solves against the float stream
+        res = replace(res, bias=output_bias(W, res.qweight, mean, fp, recipe.alpha))
     return res, float(layer_loss(W, res.qweight, H))
 
 

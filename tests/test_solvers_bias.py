@@ -34,6 +34,8 @@ def test_output_bias_is_the_least_squares_intercept():
     loss = lambda c: float(((target - c) ** 2).sum())  # noqa: E731
     assert loss(b.double()) < loss(b.double() + 1e-2) and loss(b.double()) < loss(torch.zeros_like(b, dtype=DT))
     assert torch.allclose(output_bias(W, Q, cov.mean()).double(), X.mean(0) @ (W - Q).T, atol=1e-5)  # no float stream
+    partial = (X + 0.25 * (Xf - X)) @ W.T - X @ Q.T  # TurboBoA's alpha-weighted target
+    assert torch.allclose(output_bias(W, Q, cov.mean(), cov.mean_fp(), 0.25).double(), partial.mean(0), atol=1e-5)
 
 
 def test_centred_statistics_give_the_loss_left_after_the_bias():

@@ -1,7 +1,8 @@
 """Mean (bias) correction: solve on centred statistics, then add the output bias that removes the mean error.
 
-With an output bias b free, min_b E||W x_fp - Q x - b||^2 is reached at b = W E[x_fp] - Q E[x], and what is left
-is the same quadratic form with the centred Hessian and residual; so every solver runs unchanged on those."""
+With an output bias b free, min_b E||W x_t - Q x - b||^2 (x_t = x + alpha (x_fp - x), the target of the solvers'
+alpha-weighted residual term) is reached at b = W E[x_t] - Q E[x], and what is left is the same quadratic form with
+the centred Hessian and residual; so every solver runs unchanged on those."""
 from __future__ import annotations
 
 from torch import Tensor
@@ -17,7 +18,9 @@ def centered_residual(dXXt: Tensor, mean: Tensor, mean_fp: Tensor) -> Tensor:
     return dXXt - 2 * ((mean_fp - mean)[:, None] * mean[None, :]).to(dXXt)
 
 
-def output_bias(W: Tensor, Q: Tensor, mean: Tensor, mean_fp: Tensor | None = None) -> Tensor:
-    """b = W E[x_fp] - Q E[x] (E[x_fp] = E[x] without a float stream): [d_out] float32."""
-    target = mean if mean_fp is None else mean_fp
-    return (W.double() @ target.double().to(W.device) - Q.double() @ mean.double().to(Q.device)).float()
+def output_bias(W: Tensor, Q: Tensor, mean: Tensor, mean_fp: Tensor | None = None, alpha: float = 1.0) -> Tensor:
+    """b = W (E[x] + alpha (E[x_fp] - E[x])) - Q E[x]: [d_out] float32. alpha is the solver's weight on the float
+    stream's residual (TurboBoA's F2 corrects only that share of the earlier layers' error); no float stream: W E[x]."""
+    mean = mean.double().to(W.device)
+    target = mean if mean_fp is None else mean + alpha * (mean_fp.double().to(W.device) - mean)
+    return (W.double() @ target - Q.double() @ mean).float()
