@@ -526,11 +526,11 @@ def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
     """Markdown table and JSON with the header facts (machine, versions, tokens, command)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"header": head, "rows": rows, "variants": extra}, indent=2))
-    lines = [f"# Benchmark `{head['command'].split('--suite ')[1].split()[0]}` ({stem.name})", ""]
+    suite = head["command"].split("--suite ")[1].split()[0]
+    lines = [f"# Benchmark `{suite}` ({stem.name})", ""]
     if len(rows) < head.get("rows_planned", 0):
         lines += [f"**Partial run: {len(rows)} of {head['rows_planned']} rows so far.** Finish it with "
-                  f"`python -m benchmarks.run --suite {head['command'].split('--suite ')[1].split()[0]} "
-                  f"--resume {stem.name}.json` (same options).", ""]
+                  f"`python -m benchmarks.run --suite {suite} --resume {stem.name}.json` (same options).", ""]
     lines += [f"- {k}: {v}" for k, v in head.items()] + [""] + table(rows)
     if extra:
         lines += ["", "Same weights, run differently (PPL on the same windows; latency as above):", "",

@@ -46,10 +46,9 @@ def refine_group_scales(
             for k in range(sv.shape[-1]):
                 c0, c1 = k * gs, min(k * gs + gs, n)
                 if spec.float_zero:
-                    step = _scale_offset_step(Cv[:, i, c0:c1], H[..., c0:c1, :], t, hii, c0, c1, sv[:, i, k])
-                    sv[:, i, k] += step[0]
-                    ov[:, i, k] += step[1]
-                    move = step[2]
+                    ds, do, move = _scale_offset_step(Cv[:, i, c0:c1], H[..., c0:c1, :], t, hii, c0, c1, sv[:, i, k])
+                    sv[:, i, k] += ds
+                    ov[:, i, k] += do
                 else:
                     z = Zv[:, i, c0:c1]
                     zH = (z[:, None] @ H[..., c0:c1, :])[:, 0]
@@ -81,6 +80,7 @@ def _scale_offset_step(
     do = torch.where(alone, torch.where(d > 0, r2 / torch.where(d > 0, d, 1), 0), do)
     # q changes by ds*c + do*(-1); its row of H
     return ds, do, ds[:, None] * cH + do[:, None] * oH
+
 
 def solve_gso(
     W: Tensor, H: Tensor, spec: QuantSpec, *, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
