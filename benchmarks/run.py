@@ -141,19 +141,25 @@ def versions() -> dict:
     return out
 
 
-def machine(ep: str) -> str:
-    """CPU model, its widest vector extensions and clock, cores, memory, execution provider and the load when the run
-    started (same-named cloud CPUs differ: numbers move between machines with and without AVX-512)."""
+def cpu_name(clock: bool = False) -> str:
+    """CPU model with its widest vector extensions (and clock): same-named cloud CPUs differ, and numbers move between
+    machines with and without AVX-512."""
     cpu = platform.processor() or platform.machine()
     try:
         info = Path("/proc/cpuinfo").read_text()
         cpu = re.search(r"^model name\s*:\s*(.+)$", info, re.M).group(1).strip()
         flags = set(re.search(r"^flags\s*:\s*(.+)$", info, re.M).group(1).split())
         isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-        mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
+        mhz = re.search(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M) if clock else None
         cpu += f" [{' '.join(isa) or 'no avx2'}{f', {float(mhz.group(1)):.0f} MHz' if mhz else ''}]"
     except (OSError, AttributeError):
         pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def machine(ep: str) -> str:
+    """CPU (model, vector extensions, clock), cores, memory, execution provider and the load when the run started."""
+    cpu = cpu_name(clock=True)
     mem = ""
     try:
         kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
@@ -161,7 +167,51 @@ def machine(ep: str) -> str:
     except (OSError, AttributeError):
         pass
     load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu} ({platform.machine()}), {os.cpu_count()} CPU cores{mem}, {platform.system()}; EP {ep}{load}"
+    return f"{cpu} ({platform.machine()}){mem}, {platform.system()}; EP {ep}{load}"
+
+
+class CpuShare:
+    """What other processes did to the CPUs while a row ran: busy and stolen CPU time not spent by this process or its
+    children, as a share of all cores over the row's wall time (Linux /proc/stat; None elsewhere)."""
+
+    BUSY = (0, 1, 2, 5, 6)  # user nice system irq softirq (guest time is inside user)
+    STEAL = 7
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple | None:
+        import resource
+        import time
+
+        try:
+            ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        own = sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+                  for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        return time.monotonic(), ticks, own
+
+    def shares(self) -> dict:
+        """{"other_cpu": share, "steal": share} since construction (empty where /proc/stat is missing)."""
+        end = self._now()
+        if self.start is None or end is None:
+            return {}
+        (t0, a, own0), (t1, b, own1) = self.start, end
+        hz, cap = os.sysconf("SC_CLK_TCK"), max(t1 - t0, 1e-9) * (os.cpu_count() or 1)
+        busy = sum(b[i] - a[i] for i in self.BUSY) / hz
+        steal = (b[self.STEAL] - a[self.STEAL]) / hz if len(b) > self.STEAL else 0.0
+        return {"other_cpu": round(max(busy - (own1 - own0), 0.0) / cap, 3), "steal": round(steal / cap, 3)}
+
+
+BUSY_SHARE = 0.10  # a row during which other processes or the hypervisor took more of the CPUs has unclean times
+
+
+def busy(row: dict) -> bool:
+    """Whether other processes (or steal) took a share of the CPUs during the row that makes its times unclean."""
+    share = row.get("cpu_share") or {}
+    return share.get("other_cpu", 0.0) + share.get("steal", 0.0) > BUSY_SHARE
 
 
 # ---- models and token windows ------------------------------------------------------------------------------------
@@ -329,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", nargs="?", const="", metavar="JSON", help="finish a run that was cut short: keep "
                     "the rows of its results JSON (default: today's file of this suite), run only the missing ones, "
                     "and write the result under that file's name")
+    ap.add_argument("--rerun-busy", action="store_true", help="with --resume: also rerun the rows during which other "
+                    f"processes took more than {BUSY_SHARE:.0%} of the CPUs, and those measured on another CPU")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
     ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
     ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)
@@ -382,14 +434,18 @@ def _run(args) -> int:
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
         old = json.loads(stem.with_suffix(".json").read_text())
-        head = {**old["header"], "resumed": old["header"].get("resumed", []) + [head["date"]]}
-        done, extra = {r["label"]: r for r in old["rows"]}, old["variants"]
-    rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float"}]
+        head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu_name()}"]}
+        done = {r["label"]: r for r in old["rows"]
+                if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu_name()) != cpu_name()))}
+        extra = [v for v in old["variants"] if v["label"] in done]
+    rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float", "cpu": cpu_name()}]
     if "ppl" not in rows[0]:
+        share = CpuShare()
         score(rows[0], model, windows, args.ep)
         rows[0]["bpw"] = 32.0
         if lat:
             latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
+        rows[0]["cpu_share"] = share.shares()
     _print(rows[0])
     wanted = set(opts["variants"])
     picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
@@ -402,7 +458,8 @@ def _run(args) -> int:
             rows.append(done[name])
             continue
         out = work / f"{args.suite}-{i}.onnx"
-        row = {"label": name, **cfg}
+        row = {"label": name, **cfg, "cpu": cpu_name()}
+        share = CpuShare()
         job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep)
         row.update(job)
         if "error" not in job:
@@ -416,6 +473,7 @@ def _run(args) -> int:
                 latency_of(row, out, past, lat, args.ep, args.threads, lat_tokens, args.keep)
                 if name in wanted:
                     extra += variants(row, out, past, windows, lat, args.ep, args.threads, lat_tokens)
+        row["cpu_share"] = share.shares()
         rows.append(row)
         _print(row)
         write(stem, head, rows, extra)
@@ -498,16 +556,42 @@ def _lat_cells(lat: dict | None) -> list[str]:
             f"{lat['prefill_tok_s']:.0f} [{rate(p['max']):.0f}–{rate(p['min']):.0f}]"]
 
 
+def main_cpu(rows: list[dict]) -> str | None:
+    """The CPU most rows were measured on."""
+    cpus = [r["cpu"] for r in rows if "cpu" in r]
+    return max(cpus, key=cpus.count) if cpus else None
+
+
+def marks(r: dict, cpu: str | None) -> str:
+    """Footnote marks: † other processes took CPU time during the row; ‡ measured on another CPU."""
+    return (" †" if busy(r) else "") + (" ‡" if cpu and r.get("cpu", cpu) != cpu else "")
+
+
+def footnotes(rows: list[dict]) -> list[str]:
+    """What the marks in the table mean, with the shares measured (empty when no row is marked)."""
+    cpu, out = main_cpu(rows), []
+    hit = [r for r in rows if busy(r)]
+    if hit:
+        out.append(f"† times not clean: other processes or the hypervisor took more than {BUSY_SHARE:.0%} of the CPUs "
+                   "during the row (" + "; ".join(f"{r['label']}: {r['cpu_share']['other_cpu']:.0%} other, "
+                                                  f"{r['cpu_share']['steal']:.0%} steal" for r in hit) + ")")
+    other = [r for r in rows if cpu and r.get("cpu", cpu) != cpu]
+    if other:
+        out.append(f"‡ measured on another CPU than the other rows ({cpu}): " +
+                   "; ".join(f"{r['label']} on {r['cpu']}" for r in other))
+    return out
+
+
 def table(rows: list[dict]) -> list[str]:
     """The main Markdown table."""
-    fp = rows[0]["ppl"]
+    fp, cpu = rows[0]["ppl"], main_cpu(rows)
     lines = ["| setting | format | PPL | Δ vs fp32 | bits/weight | size (MB) | quant time (s) | peak RSS (MiB) "
              "| decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             what = "not supported" if r.get("unsupported") else "failed"
             err = r["error"].removeprefix("Unsupported: ").replace("|", "/")
-            lines.append(f"| {r['label']} | {what}: {err} | | | | | | | | |")
+            lines.append(f"| {r['label']}{marks(r, cpu)} | {what}: {err} | | | | | | | | |")
             continue
         fmt = ", ".join(r.get("formats", [])) or "float"
         if r.get("accuracy_level"):
@@ -516,7 +600,7 @@ def table(rows: list[dict]) -> list[str]:
         if r.get("latency_error"):
             lat = [f"failed: {r['latency_error'].replace('|', '/')}", ""]
         d = "" if r is rows[0] else f"{r['ppl'] - fp:+.2f}"
-        lines.append(f"| {r['label']} | {fmt} | {_num(r['ppl'])} | {d} | {_num(r.get('bpw'), '{:.3f}')} "
+        lines.append(f"| {r['label']}{marks(r, cpu)} | {fmt} | {_num(r['ppl'])} | {d} | {_num(r.get('bpw'), '{:.3f}')} "
                      f"| {_num(r.get('size_mb'), '{:.1f}')} | {_num(r.get('seconds'), '{:.1f}')} "
                      f"| {_num(r.get('peak_rss_mb'), '{:.0f}')} | {lat[0]} | {lat[1]} |")
     return lines
@@ -532,6 +616,8 @@ def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
         lines += [f"**Partial run: {len(rows)} of {head['rows_planned']} rows so far.** Finish it with "
                   f"`python -m benchmarks.run --suite {suite} --resume {stem.name}.json` (same options).", ""]
     lines += [f"- {k}: {v}" for k, v in head.items()] + [""] + table(rows)
+    notes = footnotes(rows)
+    lines += [""] + notes if notes else []
     if extra:
         lines += ["", "Same weights, run differently (PPL on the same windows; latency as above):", "",
                   "| setting | form | PPL | decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|"]
@@ -555,6 +641,8 @@ def update_readme(readme: Path, stem: Path) -> None:
     body = [f"`{head['command']}` ({head['date']}; {head['machine']}). Full header, variants and JSON: "
             f"[{stem.name}.md]({rel(stem.with_suffix('.md'))}).", ""]
     body += table(data["rows"])
+    notes = footnotes(data["rows"])
+    body += [""] + notes if notes else []
     if stem.with_suffix(".png").is_file():
         body += ["", f"![PPL against bits per weight]({rel(stem.with_suffix('.png'))})"]
     start, end = text.index(README_START) + len(README_START), text.index(README_END)

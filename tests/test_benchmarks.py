@@ -156,7 +156,7 @@ def test_resume_runs_only_missing_rows(smoke, tmp_path):
     tmp, data, json_path, _ = smoke
     cut = tmp_path / json_path.name
     kept = data["rows"][:2]  # float and onnxq rtn; pretend the run stopped there
-    kept[1] = {**kept[1], "ppl": 123.0}  # a marker a rerun would overwrite
+    kept[1] = {**kept[1], "ppl": 123.0, "cpu_share": {}}  # a marker a rerun would overwrite
     R.write(cut.with_suffix(""), data["header"], kept, [])
     assert data["header"]["rows_planned"] == 5
     assert "**Partial run: 2 of 5 rows so far.**" in cut.with_suffix(".md").read_text()
@@ -176,3 +176,46 @@ def test_resume_of_a_missing_file_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume") and "no such results file" in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_resume_reruns_busy_rows_and_rows_of_another_cpu(smoke, tmp_path):
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    rows = [dict(r, cpu_share={}) for r in data["rows"]]
+    rows[1] = {**rows[1], "ppl": 123.0}  # clean: kept
+    rows[2] = {**rows[2], "ppl": 456.0, "cpu_share": {"other_cpu": 0.4, "steal": 0.0}}  # busy: rerun
+    rows[3] = {**rows[3], "cpu": "Some Other CPU [avx512f], 2 cores"}  # another CPU: rerun
+    R.write(cut.with_suffix(""), data["header"], rows, [])
+    md = cut.with_suffix(".md").read_text()
+    assert f"| {rows[2]['label']} † |" in md and f"| {rows[3]['label']} ‡ |" in md
+    assert f"{rows[2]['label']}: 40% other, 0% steal" in md and "on Some Other CPU [avx512f], 2 cores" in md
+    rc = R.main(["--suite", "smoke", "--resume", str(cut), "--rerun-busy", "--work", str(tmp / "work"),
+                 "--no-latency", "--no-plot"])
+    assert rc == 0
+    out = json.loads(cut.read_text())["rows"]
+    assert out[1]["ppl"] == 123.0
+    assert out[2]["ppl"] == pytest.approx(data["rows"][2]["ppl"], rel=1e-6)
+    assert out[3]["cpu"] == R.cpu_name() and set(out[2]["cpu_share"]) == {"other_cpu", "steal"}
+
+
+def test_cpu_share_arithmetic(monkeypatch):
+    hz, n = __import__("os").sysconf("SC_CLK_TCK"), __import__("os").cpu_count()
+    ticks = lambda busy, steal: [busy, 0, 0, 1000, 0, 0, 0, steal]  # noqa: E731
+    snaps = iter([(0.0, ticks(0, 0), 0.0), (10.0, ticks(int(8 * n * hz), int(n * hz)), 3.0 * n)])
+    monkeypatch.setattr(R.CpuShare, "_now", staticmethod(lambda: next(snaps)))
+    share = R.CpuShare().shares()  # 8 s per core busy, 3 s per core our own: 5 of 10 s per core by others
+    assert share == {"other_cpu": 0.5, "steal": 0.1}
+    assert R.busy({"cpu_share": share}) and not R.busy({"cpu_share": {"other_cpu": 0.05, "steal": 0.0}})
+
+
+def test_cpu_share_sees_another_process():
+    import subprocess
+    import sys
+    import time
+
+    share = R.CpuShare()
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.0: pass"])
+    time.sleep(1.2)  # the burner is not waited for: its CPU time is not ours
+    seen = share.shares()
+    burner.wait()
+    assert seen["other_cpu"] >= 0.8 / (1.2 * __import__("os").cpu_count()) - 0.05
