@@ -72,6 +72,9 @@ def quantize(
                                          "layers are quantized (more calibration passes)"),
     bias_correction: bool = typer.Option(False, help="solve on centred activation statistics and add the output bias "
                                          "that removes each layer's mean error (an Add after the quantized MatMul)"),
+    rotate: bool = typer.Option(False, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
+                                "each head's values before quantizing: same float function, fewer weight outliers "
+                                "(pre-RMSNorm decoders only; adds two small float MatMuls)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
     exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
     accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy_level: 0 exact (default), 4 = int8 activations (faster on CPU, small accuracy cost)"),
@@ -98,7 +101,7 @@ def quantize(
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, format=format, grid=grid, damp=damp, act_order=act_order,
         refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor,
-        bias_correction=bias_correction, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()
     if target:

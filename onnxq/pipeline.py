@@ -17,6 +17,7 @@ from . import __version__
 from .analysis import LinearLayer, linear_layers, partition
 from .errors import OnnxqError
 from .io import read_array
+from .passes.rotate import ROTATION_TAG
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
@@ -49,8 +50,9 @@ def select_layers(model: onnx.ModelProto, recipe: QuantRecipe) -> list[LinearLay
     """Linear layers to quantize: every MatMul with a constant weight, minus `recipe.exclude` patterns."""
     pats = [re.compile(p) for p in recipe.exclude]
     chosen = [
-        l for l in linear_layers(model) if not any(p.search(l.node) or p.search(l.role) for p in pats)
-    ]
+        l for l in linear_layers(model)
+        if ROTATION_TAG not in l.node and not any(p.search(l.node) or p.search(l.role) for p in pats)
+    ]  # the online rotations of --rotate stay float
     if not chosen:
         inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
         fed = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1:2] and n.input[1] in inputs]
@@ -102,6 +104,8 @@ def quantize(
     folder = Weights(folder, memory)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
     proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
+    if recipe.rotate:
+        proto = _rotate(proto, folder, recipe.seed)
     layers = select_layers(proto, recipe)
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
     if data_free:
@@ -149,6 +153,7 @@ def quantize(
         "v_row_factor": recipe.v_row_factor,
         "float_zero": recipe.float_zero,
         "bias_correction": recipe.bias_correction,
+        "rotate": recipe.rotate,
         "target": recipe.target,
         "accuracy_level": recipe.accuracy_level,
         "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
@@ -291,6 +296,23 @@ def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer
     by_node = {l.node: l for l in todo}
     return {a.v: value_row_hessian(read(by_node[a.o]), a.n_heads, a.n_kv_heads)
             for a in attn if a.v in by_node and a.o in by_node}
+
+
+def _rotate(proto: onnx.ModelProto, folder, seed: int) -> onnx.ModelProto:
+    """`passes.rotate` on a weightless proto: load the weights it rewrites, rotate, put them into `folder`'s memory."""
+    from .io import detach_weights, load_tensor_data
+    from .passes.rotate import residual_plan, rotate_residual
+
+    plan = residual_plan(proto)
+    weight = {l.node: l.weight for l in linear_layers(proto)}
+    heads = [(weight[b.v], weight[b.o], b.head_dim) for b in attention_blocks(proto)
+             if b.kind == "unfused" and b.v in weight and b.o in weight and b.head_dim]
+    names = set(plan.tensors()) | {w for v, o, _ in heads for w in (v, o)}
+    load_tensor_data([t for t in proto.graph.initializer if t.name in names], folder)
+    proto = rotate_residual(proto, plan, seed=seed, heads=heads)
+    proto, rotated = detach_weights(proto)
+    folder.memory.update(rotated)
+    return proto
 
 
 def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -211,3 +211,29 @@ def test_bias_correction_end_to_end(llama, tmp_path):
 def test_bias_correction_needs_data(llama, tmp_path):
     res = runner.invoke(app, ["quantize", str(llama), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn", "--bias-correction"])
     assert res.exit_code == 2 and "needs activation means" in res.output, res.output
+
+
+def test_rotate_end_to_end(llama, tmp_path):
+    """--rotate: the float parts change (online rotations, unit norm scales), the 14 layers are still quantized, and
+    at 8 bits the output follows the float model as closely as without rotation."""
+    out = tmp_path / "rot.onnx"
+    rep = quantize(llama, QuantRecipe(algo="gptq", bits=8, group_size=32, rotate=True), out, windows=_windows(),
+                   progress=False)
+    assert rep.layers == 14
+    model = onnx.load(out)
+    assert read_provenance(model)["rotate"] in (True, "True", "true")
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 14
+    online = [n for n in model.graph.node if n.op_type == "MatMul" and "onnxq_rotation" in n.name]
+    assert len(online) == 2
+    ids = _windows(2, 16, seed=1)
+    ref, got = _logits(llama, ids), _logits(out, ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
+
+
+def test_rotate_refuses_layernorm_models(tmp_path):
+    from tests.tiny import tiny_gpt2_onnx
+
+    out = tmp_path / "q.onnx"
+    res = runner.invoke(app, ["quantize", str(tiny_gpt2_onnx(tmp_path)), "-o", str(out), "--algo", "rtn", "--rotate"])
+    assert res.exit_code == 2 and "--rotate:" in res.output and "drop --rotate" in res.output, res.output
+    assert not out.exists()

@@ -1,0 +1,249 @@
+"""Rotate the residual stream of a pre-RMSNorm decoder (QuaRot-style R1, and R2 per attention head), offline.
+
+The function computed by the graph does not change: each RMSNorm's scale is folded into the linear layers that read
+it, those layers get `W <- Rᵀ diag(g) W`, the layers that write into the stream get `W <- W R`, and the stream is
+rotated once after the embedding and back once before the final norm (two small float MatMuls), so the embedding and a
+tied LM head stay untouched. Rotated weights have fewer outliers, which is what low-bit grids need (spec §8).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.errors import OnnxqError
+
+ROTATION_TAG = "onnxq_rotation"  # in the names of the online rotation nodes and their weights (never quantized)
+_NORM_OPS = {"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"}
+_SHAPE_ONLY = {"Shape", "Size"}
+
+
+def hadamard(n: int) -> np.ndarray | None:
+    """Orthonormal Hadamard matrix of order n = 2^a · 12^b (Sylvester and Paley), or None for other orders."""
+    h = np.ones((1, 1))
+    m = n
+    while m % 12 == 0:
+        h, m = np.kron(h, _paley12()), m // 12
+    while m % 2 == 0:
+        h, m = np.kron(h, np.array([[1.0, 1.0], [1.0, -1.0]])), m // 2
+    return h / np.sqrt(n) if m == 1 else None
+
+
+def _paley12() -> np.ndarray:
+    """The order-12 Hadamard matrix from the quadratic residues mod 11 (Paley's first construction)."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = lambda x: 0 if x % q == 0 else (1 if x % q in residues else -1)  # noqa: E731
+    s = np.zeros((q + 1, q + 1))
+    s[0, 1:], s[1:, 0] = 1, -1
+    s[1:, 1:] = [[chi(j - i) for j in range(q)] for i in range(q)]
+    return s + np.eye(q + 1)
+
+
+def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random orthogonal n×n matrix: a Hadamard matrix with random column signs where one exists, else Haar (QR)."""
+    h = hadamard(n)
+    if h is not None:
+        return h * rng.choice([-1.0, 1.0], size=n)[None, :]
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))[None, :]
+
+
+@dataclass
+class ResidualPlan:
+    """Where the residual stream of a decoder is read and written: what `rotate_residual` changes."""
+
+    hidden: int
+    entry: str  # stream tensor produced by the embedding
+    exit: str  # stream tensor entering the final norm
+    norms: list[tuple[str, list[str]]] = field(default_factory=list)  # (scale initializer, weights reading the norm)
+    writers: list[tuple[str, str | None]] = field(default_factory=list)  # (weight, bias) of layers adding into it
+
+    def tensors(self) -> list[str]:
+        """Initializers the rotation reads and rewrites (load their data before `rotate_residual`)."""
+        names = [g for g, _ in self.norms] + [w for _, ws in self.norms for w in ws]
+        return names + [w for w, _ in self.writers] + [b for _, b in self.writers if b]
+
+
+def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
+    """Trace the residual stream from the embedding to the final norm; OnnxqError when the graph is not a pre-RMSNorm
+    decoder in a form this pass knows (every stream reader must be a norm, a residual Add or a shape op)."""
+    g = _Lookup(model)
+    entry = _embedding_output(g)
+    hidden = g.dims[g.producer[entry].input[0]][1]
+    plan = ResidualPlan(hidden=hidden, entry=entry, exit=entry)
+    current = entry
+    while True:
+        stream = g.transparent(current)  # the stream tensor and its no-op Casts
+        readers = [n for t in stream for n in g.consumers.get(t, []) if n.op_type not in _SHAPE_ONLY | {"Cast"}]
+        adds = [n for n in readers if n.op_type == "Add" and not any(g.is_const(i) for i in n.input)
+                and any(i in stream for i in n.input)]
+        norm_nodes, scale, out = _rms_norm(g, stream, hidden)
+        other = [n for n in readers if n not in adds and n.output[0] not in norm_nodes]
+        if scale is None or other or len(adds) > 1:
+            what = other[0].op_type if other else "a reader that is not an RMSNorm"
+            raise OnnxqError(f"--rotate: the residual stream at {current!r} feeds {what}: only pre-RMSNorm decoders "
+                             "(Llama, Mistral, Qwen, SmolLM ...) can be rotated; drop --rotate")
+        if not adds:  # the final norm: rotated back before it, so the (possibly tied) LM head stays as it is
+            plan.exit = current
+            return plan
+        readers_w = []
+        for n in g.consumers.get(out, []):
+            if n.op_type in _SHAPE_ONLY:
+                continue
+            w = g.weight_of(n, k=hidden)
+            if w is None:
+                raise OnnxqError(f"--rotate: the norm output {out!r} feeds {n.op_type} {n.name!r}, not a linear layer "
+                                 "with a constant weight: drop --rotate")
+            readers_w.append(w)
+        plan.norms.append((scale, readers_w))
+        (add,) = adds
+        branch = next(i for i in add.input if i not in stream)
+        plan.writers.append(g.writer(branch, hidden))
+        current = add.output[0]
+
+
+def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0,
+                    heads: list[tuple[str, str, int]] = ()) -> onnx.ModelProto:
+    """Rotate `model` in place by a random orthogonal R (hidden×hidden) along `plan`; returns `model`.
+
+    The weights `plan.tensors()` must be loaded. `heads` lists (v weight, o weight, head dim) per attention block for
+    R2: each head's values are rotated by one Hadamard-type matrix and o_proj's rows by its transpose.
+    """
+    rng = np.random.default_rng(seed)
+    r = random_rotation(plan.hidden, rng)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    get = lambda name: numpy_helper.to_array(inits[name]).astype(np.float64)  # noqa: E731
+
+    def put(name: str, value: np.ndarray) -> None:
+        old = inits[name]
+        new = numpy_helper.from_array(value.astype(numpy_helper.to_array(old).dtype), name)
+        old.CopyFrom(new)
+
+    scales = {scale: get(scale) for scale, _ in plan.norms}  # before any is reset: norms may share one
+    for scale, weights in plan.norms:
+        for w in weights:
+            put(w, r.T @ (scales[scale][:, None] * get(w)))
+    for scale, g in scales.items():
+        put(scale, np.ones_like(g))
+    for w, b in plan.writers:
+        put(w, get(w) @ r)
+        if b:
+            put(b, get(b) @ r)
+    if heads:
+        r2 = random_rotation(heads[0][2], rng)
+        for v, o, d in heads:
+            wv, wo = get(v), get(o)
+            put(v, (wv.reshape(wv.shape[0], -1, d) @ r2).reshape(wv.shape))
+            put(o, (r2.T @ wo.reshape(-1, d, wo.shape[1])).reshape(wo.shape))
+    dtype = numpy_helper.to_array(inits[plan.writers[0][0]]).dtype if plan.writers else np.float32
+    _insert_matmul(graph, plan.entry, r.astype(dtype), "in")
+    _insert_matmul(graph, plan.exit, r.T.astype(dtype), "out")
+    return model
+
+
+def _insert_matmul(graph: onnx.GraphProto, tensor: str, matrix: np.ndarray, tag: str) -> None:
+    """Put `tensor @ matrix` right after the producer of `tensor`; all its consumers read the product instead."""
+    if any(o.name == tensor for o in graph.output):
+        raise OnnxqError(f"--rotate: the stream tensor {tensor!r} is a graph output: drop --rotate")
+    name = f"/{ROTATION_TAG}/{tag}"
+    out = f"{name}/MatMul_output_0"
+    graph.initializer.append(numpy_helper.from_array(matrix, f"{ROTATION_TAG}.{tag}.weight"))
+    for node in graph.node:
+        node.input[:] = [out if i == tensor else i for i in node.input]
+    pos = next(i for i, n in enumerate(graph.node) if tensor in n.output) + 1
+    graph.node.insert(pos, helper.make_node("MatMul", [tensor, f"{ROTATION_TAG}.{tag}.weight"], [out], name=f"{name}/MatMul"))
+
+
+class _Lookup:
+    """Producers, consumers, constants and initializer shapes of one graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.dims = {t.name: list(t.dims) for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in graph.node:
+            for t in n.input:
+                self.consumers.setdefault(t, []).append(n)
+        self.inputs = {i.name for i in graph.input}
+
+    def is_const(self, t: str) -> bool:
+        p = self.producer.get(t)
+        return t in self.dims or (p is not None and p.op_type == "Constant")
+
+    def source(self, t: str) -> str:
+        """The initializer behind `t` through Identity nodes (exporters alias shared parameters that way), else `t`."""
+        while t not in self.dims and t in self.producer and self.producer[t].op_type == "Identity":
+            t = self.producer[t].input[0]
+        return t
+
+    def transparent(self, t: str) -> list[str]:
+        """`t` and the outputs of the (no-op) Casts that read it, transitively."""
+        out, todo = [], [t]
+        while todo:
+            x = todo.pop()
+            out.append(x)
+            todo += [n.output[0] for n in self.consumers.get(x, []) if n.op_type == "Cast"]
+        return out
+
+    def weight_of(self, node: onnx.NodeProto, k: int) -> str | None:
+        """The constant [k, n] weight of a MatMul node, else None."""
+        if node.op_type == "MatMul" and len(node.input) == 2 and len(self.dims.get(node.input[1], [])) == 2:
+            return node.input[1] if self.dims[node.input[1]][0] == k else None
+        return None
+
+    def writer(self, tensor: str, hidden: int) -> tuple[str, str | None]:
+        """(weight, bias) of the linear layer producing `tensor` (a MatMul, optionally + a constant bias)."""
+        node, bias = self.producer.get(tensor), None
+        if node is not None and node.op_type == "Add":
+            consts = [i for i in node.input if i in self.dims and self.dims[i] == [hidden]]
+            rest = [i for i in node.input if i not in consts]
+            if len(consts) == 1 and len(rest) == 1:
+                bias, node = consts[0], self.producer.get(rest[0])
+        if node is None or node.op_type != "MatMul" or len(self.dims.get(node.input[1], [])) != 2 \
+                or self.dims[node.input[1]][1] != hidden:
+            raise OnnxqError(f"--rotate: the residual branch {tensor!r} is not the output of a linear layer with a "
+                             "constant weight: drop --rotate")
+        return node.input[1], bias
+
+
+def _embedding_output(g: _Lookup) -> str:
+    """Output of the Gather that reads a 2-D embedding table with token ids from a graph input."""
+    for t, nodes in g.consumers.items():
+        for n in nodes:
+            if n.op_type == "Gather" and n.input[0] in g.dims and len(g.dims[n.input[0]]) == 2 and n.input[1] in g.inputs:
+                return n.output[0]
+    raise OnnxqError("--rotate: no token embedding (Gather of a 2-D table by input ids) found: drop --rotate")
+
+
+def _rms_norm(g: _Lookup, stream: list[str], hidden: int) -> tuple[set[str], str | None, str | None]:
+    """(node outputs, scale initializer, output) of the RMSNorm reading `stream`; scale None when there is none.
+
+    Decomposed form x·(1/sqrt(mean(x²)+eps))·g (the nodes between the stream and the Mul by a [hidden] constant, a
+    ReduceMean among them); ORT's fused SimplifiedLayerNormalization also counts."""
+    for t in stream:
+        for n in g.consumers.get(t, []):
+            if n.op_type == "SimplifiedLayerNormalization" and g.dims.get(g.source(n.input[1])) == [hidden]:
+                return {n.output[0]}, g.source(n.input[1]), n.output[0]
+    seen: dict[str, onnx.NodeProto] = {}
+    scales: list[onnx.NodeProto] = []
+    todo = [n for t in stream for n in g.consumers.get(t, []) if n.op_type in ("Pow", "Mul")]
+    while todo and len(seen) < 16:
+        n = todo.pop()
+        if n.output[0] in seen or n.op_type not in _NORM_OPS:
+            continue
+        if n.op_type == "Add" and not any(g.is_const(i) for i in n.input):
+            continue  # a residual Add, not the eps of the norm
+        seen[n.output[0]] = n
+        if n.op_type == "Mul" and any(g.dims.get(g.source(i)) == [hidden] for i in n.input):
+            scales.append(n)  # the norm's scale: its output is the norm's output
+            continue
+        todo += [c for o in n.output for c in g.consumers.get(o, [])]
+    if len(scales) != 1 or not any(n.op_type == "ReduceMean" for n in seen.values()):
+        return set(seen), None, None
+    (mul,) = scales
+    return set(seen), next(g.source(i) for i in mul.input if g.dims.get(g.source(i)) == [hidden]), mul.output[0]

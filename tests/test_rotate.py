@@ -1,0 +1,113 @@
+"""The residual-stream rotation pass: orthogonal matrices, the traced plan, and an unchanged function (ORT logits)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from onnxq.attention import attention_blocks
+from onnxq.errors import OnnxqError
+from onnxq.passes.normalize import normalize
+from onnxq.passes.rotate import ROTATION_TAG, hadamard, random_rotation, residual_plan, rotate_residual
+from tests.tiny import tiny_bert_onnx, tiny_gpt2_onnx, tiny_llama_onnx
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 24, 64, 144, 576])
+def test_hadamard_is_orthogonal_with_equal_magnitudes(n):
+    h = hadamard(n)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n), rtol=1e-12)
+
+
+def test_no_hadamard_for_other_orders_but_a_rotation_anyway():
+    assert hadamard(20) is None and hadamard(96 * 5) is None
+    r = random_rotation(20, np.random.default_rng(0))
+    np.testing.assert_allclose(r @ r.T, np.eye(20), atol=1e-12)
+    a, b = random_rotation(64, np.random.default_rng(1)), random_rotation(64, np.random.default_rng(2))
+    assert not np.allclose(a, b)  # random signs differ by seed
+
+
+def _with_random_norm_scales(path, seed=0):
+    """The tiny Llama with its own random scale per RMSNorm, as a trained model has (HF initialises them to 1 and the
+    export shares that one tensor through Identity nodes, which would hide a missing or shared fold)."""
+    model = normalize(onnx.load(path))
+    rng = np.random.default_rng(seed)
+    for node in model.graph.node:
+        if node.op_type == "Mul" and "norm" in node.name and "norm.weight" in node.input[0] + node.input[1]:
+            k = 0 if "norm.weight" in node.input[0] else 1
+            name = f"{node.name}.scale"
+            model.graph.initializer.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, 96).astype(np.float32), name))
+            node.input[k] = name
+    return model
+
+
+def _logits(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    names = [i.name for i in sess.get_inputs()]
+    if "position_ids" in names:
+        feeds["position_ids"] = np.arange(ids.shape[1])[None].repeat(len(ids), 0)
+    return sess.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _with_random_norm_scales(tiny_llama_onnx(tmp_path_factory.mktemp("rot"), layers=3, hidden=96, heads=4,
+                                                    kv_heads=2, intermediate=192))
+
+
+def test_plan_finds_every_norm_reader_and_writer(llama):
+    plan = residual_plan(llama)
+    assert plan.hidden == 96
+    assert len(plan.norms) == 6 and len(plan.writers) == 6  # input and post-attention norm of 3 blocks
+    readers = [sorted(w for w in ws) for _, ws in plan.norms]
+    assert all(len(ws) == 3 for ws in readers[0::2]) and all(len(ws) == 2 for ws in readers[1::2])  # qkv; gate/up
+    assert all(b is None for _, b in plan.writers)
+    assert set(plan.tensors()) <= {t.name for t in llama.graph.initializer}
+    assert len({s for s, _ in plan.norms}) == 6
+
+
+def test_shared_scales_through_identity(tmp_path):
+    model = normalize(onnx.load(tiny_llama_onnx(tmp_path, layers=2, hidden=96, heads=4, kv_heads=2, intermediate=192)))
+    plan = residual_plan(model)  # the export aliases one all-ones scale for every norm
+    assert len(plan.norms) == 4 and len({s for s, _ in plan.norms}) < 4
+    ids = np.random.default_rng(0).integers(0, 256, (1, 12))
+    want = _logits(model, ids)
+    got = _logits(rotate_residual(model, plan, seed=1), ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_rotation_keeps_the_logits(llama, heads):
+    rotated = onnx.ModelProto()
+    rotated.CopyFrom(llama)
+    blocks = attention_blocks(rotated)
+    weights = {n.name: n.input[1] for n in rotated.graph.node if n.op_type == "MatMul"}
+    r2 = [(weights[b.v], weights[b.o], b.head_dim) for b in blocks] if heads else []
+    rotate_residual(rotated, residual_plan(rotated), seed=3, heads=r2)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 20))
+    want, got = _logits(llama, ids), _logits(rotated, ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    inits = {t.name: numpy_helper.to_array(t) for t in rotated.graph.initializer}
+    before = {t.name: numpy_helper.to_array(t) for t in llama.graph.initializer}
+    plan = residual_plan(llama)
+    for scale, ws in plan.norms:
+        np.testing.assert_array_equal(inits[scale], 1.0)  # folded
+        assert not np.allclose(inits[ws[0]], before[ws[0]])  # rotated
+    if heads:  # R2 changed the values' columns beyond what R1 alone gives
+        alone = onnx.ModelProto()
+        alone.CopyFrom(llama)
+        rotate_residual(alone, residual_plan(alone), seed=3)
+        v = weights[blocks[0].v]
+        assert not np.allclose(inits[v], numpy_helper.to_array(next(t for t in alone.graph.initializer if t.name == v)))
+    assert sum(ROTATION_TAG in n.name for n in rotated.graph.node) == 2
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2_onnx, tiny_bert_onnx])
+def test_layernorm_models_are_refused_in_one_line(tmp_path, make):
+    model = normalize(onnx.load(make(tmp_path)))
+    with pytest.raises(OnnxqError, match="--rotate: .*drop --rotate") as err:
+        residual_plan(model)
+    assert "\n" not in str(err.value)
