@@ -64,7 +64,12 @@ def transplant(quant: str | Path, host: str | Path, out: str | Path) -> dict:
     from onnxq.io import load_model, save_model_atomic
     from onnxq.passes.rewrite import _raise_opset
 
+    from onnxq.passes.metadata import read_provenance
+
     q = load_model(quant)
+    if read_provenance(q).get("rotate") is True:
+        raise OnnxqError(f"{quant} was quantized with --rotate, which also changes float weights (norm scales, online "
+                         "rotations): moving only its quantized layers would be wrong; quantize the with-past export")
     h = load_model(host)
     nodes, anchors = _quant_nodes(q.graph)
     if not nodes:

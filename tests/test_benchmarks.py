@@ -129,6 +129,14 @@ def test_restamp_and_transplant_refusal(smoke, tmp_path):
     assert levels == {0}
     with pytest.raises(OnnxqError, match="no quantized layer"):
         L.transplant(work / "tiny-llama" / "model.onnx", work / "tiny-llama-past" / "model.onnx", tmp_path / "x.onnx")
+    from onnxq import QuantRecipe
+    from onnxq.pipeline import quantize
+
+    rotated = tmp_path / "rot.onnx"
+    quantize(work / "tiny-llama" / "model.onnx", QuantRecipe(algo="rtn", bits=4, group_size=32, rotate=True), rotated,
+             progress=False)
+    with pytest.raises(OnnxqError, match="--rotate.*quantize the with-past export"):
+        L.transplant(rotated, work / "tiny-llama-past" / "model.onnx", tmp_path / "y.onnx")
 
 
 def test_first_line_and_pareto():

@@ -237,3 +237,19 @@ def test_rotate_refuses_layernorm_models(tmp_path):
     res = runner.invoke(app, ["quantize", str(tiny_gpt2_onnx(tmp_path)), "-o", str(out), "--algo", "rtn", "--rotate"])
     assert res.exit_code == 2 and "--rotate:" in res.output and "drop --rotate" in res.output, res.output
     assert not out.exists()
+
+
+def test_rotate_quantizes_the_with_past_export(tmp_path):
+    """A rotated model changes float weights too, so generation needs the with-past export quantized directly:
+    it runs through the same pipeline and matches the float with-past model at 8 bits."""
+    from onnxq.models.export import export_onnx
+    from tests.tiny import tiny_llama
+
+    tiny_llama(hidden=64, heads=4, kv_heads=2).save_pretrained(tmp_path / "hf")
+    past = export_onnx(tmp_path / "hf", tmp_path / "past", with_past=True)
+    out = tmp_path / "q.onnx"
+    quantize(past, QuantRecipe(algo="gptq", bits=8, group_size=32, rotate=True), out, windows=_windows(), progress=False)
+    ids = _windows(1, 16, seed=1)
+    ref, got = _logits(past, ids), _logits(out, ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
+    assert sum("onnxq_rotation" in n.name for n in onnx.load(out).graph.node) == 2
