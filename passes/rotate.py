@@ -7,6 +7,7 @@ tied LM head stay untouched. Rotated weights have fewer outliers, which is what 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,18 +53,29 @@ def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @dataclass
+class Norm:
+    """One RMSNorm on the stream: its scale initializer, the input of `node` that carries it, and the weights of the
+    linear layers that read the norm's output."""
+
+    scale: str
+    node: str  # first output of the node that multiplies by the scale
+    scale_input: str
+    readers: list[str]
+
+
+@dataclass
 class ResidualPlan:
     """Where the residual stream of a decoder is read and written: what `rotate_residual` changes."""
 
     hidden: int
     entry: str  # stream tensor produced by the embedding
     exit: str  # stream tensor entering the final norm
-    norms: list[tuple[str, list[str]]] = field(default_factory=list)  # (scale initializer, weights reading the norm)
+    norms: list[Norm] = field(default_factory=list)
     writers: list[tuple[str, str | None]] = field(default_factory=list)  # (weight, bias) of layers adding into it
 
     def tensors(self) -> list[str]:
         """Initializers the rotation reads and rewrites (load their data before `rotate_residual`)."""
-        names = [g for g, _ in self.norms] + [w for _, ws in self.norms for w in ws]
+        names = [n.scale for n in self.norms] + [w for n in self.norms for w in n.readers]
         return names + [w for w, _ in self.writers] + [b for _, b in self.writers if b]
 
 
@@ -80,7 +92,8 @@ def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
         readers = [n for t in stream for n in g.consumers.get(t, []) if n.op_type not in _SHAPE_ONLY | {"Cast"}]
         adds = [n for n in readers if n.op_type == "Add" and not any(g.is_const(i) for i in n.input)
                 and any(i in stream for i in n.input)]
-        norm_nodes, scale, out = _rms_norm(g, stream, hidden)
+        norm_nodes, scale, node = _rms_norm(g, stream, hidden)
+        out = node.output[0] if node is not None else None
         other = [n for n in readers if n not in adds and n.output[0] not in norm_nodes]
         if scale is None or other or len(adds) > 1:
             what = other[0].op_type if other else "a reader that is not an RMSNorm"
@@ -98,7 +111,8 @@ def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
                 raise OnnxqError(f"--rotate: the norm output {out!r} feeds {n.op_type} {n.name!r}, not a linear layer "
                                  "with a constant weight: drop --rotate")
             readers_w.append(w)
-        plan.norms.append((scale, readers_w))
+        scale_input = next(i for i in node.input if g.source(i) == scale)
+        plan.norms.append(Norm(scale, out, scale_input, readers_w))
         (add,) = adds
         branch = next(i for i in add.input if i not in stream)
         plan.writers.append(g.writer(branch, hidden))
@@ -106,7 +120,7 @@ def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
 
 
 def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0,
-                    heads: list[tuple[str, str, int]] = ()) -> onnx.ModelProto:
+                    heads: Sequence[tuple[str, str, int]] = ()) -> onnx.ModelProto:
     """Rotate `model` in place by a random orthogonal R (hidden×hidden) along `plan`; returns `model`.
 
     The weights `plan.tensors()` must be loaded. `heads` lists (v weight, o weight, head dim) per attention block for
@@ -123,12 +137,18 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
         new = numpy_helper.from_array(value.astype(numpy_helper.to_array(old).dtype), name)
         old.CopyFrom(new)
 
-    scales = {scale: get(scale) for scale, _ in plan.norms}  # before any is reset: norms may share one
-    for scale, weights in plan.norms:
-        for w in weights:
-            put(w, r.T @ (scales[scale][:, None] * get(w)))
-    for scale, g in scales.items():
-        put(scale, np.ones_like(g))
+    for norm in plan.norms:
+        g = get(norm.scale)
+        for w in norm.readers:
+            put(w, r.T @ (g[:, None] * get(w)))
+    if plan.norms:  # the folded norms multiply by ones; their scales may be shared with the final norm: left as they are
+        ones = f"{ROTATION_TAG}.ones"
+        dtype = numpy_helper.to_array(inits[plan.norms[0].scale]).dtype
+        graph.initializer.append(numpy_helper.from_array(np.ones(plan.hidden, dtype), ones))
+        sites = {n.node: n.scale_input for n in plan.norms}
+        for node in graph.node:
+            if node.output and node.output[0] in sites:
+                node.input[:] = [ones if i == sites[node.output[0]] else i for i in node.input]
     for w, b in plan.writers:
         put(w, get(w) @ r)
         if b:
@@ -142,6 +162,9 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
     dtype = numpy_helper.to_array(inits[plan.writers[0][0]]).dtype if plan.writers else np.float32
     _insert_matmul(graph, plan.entry, r.astype(dtype), "in")
     _insert_matmul(graph, plan.exit, r.T.astype(dtype), "out")
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for name in {n.scale for n in plan.norms} - used:  # a scale only the folded norms read
+        graph.initializer.remove(inits[name])
     return model
 
 
@@ -220,15 +243,15 @@ def _embedding_output(g: _Lookup) -> str:
     raise OnnxqError("--rotate: no token embedding (Gather of a 2-D table by input ids) found: drop --rotate")
 
 
-def _rms_norm(g: _Lookup, stream: list[str], hidden: int) -> tuple[set[str], str | None, str | None]:
-    """(node outputs, scale initializer, output) of the RMSNorm reading `stream`; scale None when there is none.
+def _rms_norm(g: _Lookup, stream: list[str], hidden: int) -> tuple[set[str], str | None, onnx.NodeProto | None]:
+    """(node outputs, scale initializer, scale node) of the RMSNorm reading `stream`; scale None when there is none.
 
     Decomposed form x·(1/sqrt(mean(x²)+eps))·g (the nodes between the stream and the Mul by a [hidden] constant, a
     ReduceMean among them); ORT's fused SimplifiedLayerNormalization also counts."""
     for t in stream:
         for n in g.consumers.get(t, []):
             if n.op_type == "SimplifiedLayerNormalization" and g.dims.get(g.source(n.input[1])) == [hidden]:
-                return {n.output[0]}, g.source(n.input[1]), n.output[0]
+                return {n.output[0]}, g.source(n.input[1]), n
     seen: dict[str, onnx.NodeProto] = {}
     scales: list[onnx.NodeProto] = []
     todo = [n for t in stream for n in g.consumers.get(t, []) if n.op_type in ("Pow", "Mul")]
@@ -246,4 +269,4 @@ def _rms_norm(g: _Lookup, stream: list[str], hidden: int) -> tuple[set[str], str
     if len(scales) != 1 or not any(n.op_type == "ReduceMean" for n in seen.values()):
         return set(seen), None, None
     (mul,) = scales
-    return set(seen), next(g.source(i) for i in mul.input if g.dims.get(g.source(i)) == [hidden]), mul.output[0]
+    return set(seen), next(g.source(i) for i in mul.input if g.dims.get(g.source(i)) == [hidden]), mul

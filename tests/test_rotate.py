@@ -62,17 +62,22 @@ def test_plan_finds_every_norm_reader_and_writer(llama):
     plan = residual_plan(llama)
     assert plan.hidden == 96
     assert len(plan.norms) == 6 and len(plan.writers) == 6  # input and post-attention norm of 3 blocks
-    readers = [sorted(w for w in ws) for _, ws in plan.norms]
+    readers = [n.readers for n in plan.norms]
     assert all(len(ws) == 3 for ws in readers[0::2]) and all(len(ws) == 2 for ws in readers[1::2])  # qkv; gate/up
     assert all(b is None for _, b in plan.writers)
     assert set(plan.tensors()) <= {t.name for t in llama.graph.initializer}
-    assert len({s for s, _ in plan.norms}) == 6
+    assert len({n.scale for n in plan.norms}) == 6
 
 
 def test_shared_scales_through_identity(tmp_path):
+    """The export aliases one scale tensor for every norm, the final one included (HF initialises them all to 1):
+    with that shared scale made random, folding it must not change the final norm, which is not folded."""
     model = normalize(onnx.load(tiny_llama_onnx(tmp_path, layers=2, hidden=96, heads=4, kv_heads=2, intermediate=192)))
-    plan = residual_plan(model)  # the export aliases one all-ones scale for every norm
-    assert len(plan.norms) == 4 and len({s for s, _ in plan.norms}) < 4
+    plan = residual_plan(model)
+    assert len(plan.norms) == 4 and len({n.scale for n in plan.norms}) == 1
+    shared = next(t for t in model.graph.initializer if t.name == plan.norms[0].scale)
+    values = np.random.default_rng(5).uniform(0.5, 1.5, 96).astype(np.float32)
+    shared.CopyFrom(numpy_helper.from_array(values, shared.name))
     ids = np.random.default_rng(0).integers(0, 256, (1, 12))
     want = _logits(model, ids)
     got = _logits(rotate_residual(model, plan, seed=1), ids)
@@ -93,9 +98,11 @@ def test_rotation_keeps_the_logits(llama, heads):
     inits = {t.name: numpy_helper.to_array(t) for t in rotated.graph.initializer}
     before = {t.name: numpy_helper.to_array(t) for t in llama.graph.initializer}
     plan = residual_plan(llama)
-    for scale, ws in plan.norms:
-        np.testing.assert_array_equal(inits[scale], 1.0)  # folded
-        assert not np.allclose(inits[ws[0]], before[ws[0]])  # rotated
+    reads = {n.output[0]: list(n.input) for n in rotated.graph.node}
+    np.testing.assert_array_equal(inits[f"{ROTATION_TAG}.ones"], 1.0)
+    for norm in plan.norms:
+        assert f"{ROTATION_TAG}.ones" in reads[norm.node] and norm.scale not in inits  # folded, old scale dropped
+        assert not np.allclose(inits[norm.readers[0]], before[norm.readers[0]])  # rotated
     if heads:  # R2 changed the values' columns beyond what R1 alone gives
         alone = onnx.ModelProto()
         alone.CopyFrom(llama)
