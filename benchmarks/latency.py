@@ -62,9 +62,8 @@ def transplant(quant: str | Path, host: str | Path, out: str | Path) -> dict:
     in the host or reads a tensor the host does not have.
     """
     from onnxq.io import load_model, save_model_atomic
-    from onnxq.passes.rewrite import _raise_opset
-
     from onnxq.passes.metadata import read_provenance
+    from onnxq.passes.rewrite import _raise_opset
 
     q = load_model(quant)
     if read_provenance(q).get("rotate") is True:

@@ -430,15 +430,15 @@ def _run(args) -> int:
     date = dt.date.today().isoformat()
     stem = Path(args.resume).with_suffix("") if args.resume else Path(args.out) / f"{date}-{args.suite}"
     head = header(args, opts, lat, model, past, windows, calib)
+    cpu = cpu_name()
     done: dict[str, dict] = {}
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
         old = json.loads(stem.with_suffix(".json").read_text())
-        head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu_name()}"]}
-        done = {r["label"]: r for r in old["rows"]
-                if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu_name()) != cpu_name()))}
+        head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu}"]}
+        done = {r["label"]: r for r in old["rows"] if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}
         extra = [v for v in old["variants"] if v["label"] in done]
-    rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float", "cpu": cpu_name()}]
+    rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float", "cpu": cpu}]
     if "ppl" not in rows[0]:
         share = CpuShare()
         score(rows[0], model, windows, args.ep)
@@ -458,7 +458,7 @@ def _run(args) -> int:
             rows.append(done[name])
             continue
         out = work / f"{args.suite}-{i}.onnx"
-        row = {"label": name, **cfg, "cpu": cpu_name()}
+        row = {"label": name, **cfg, "cpu": cpu}
         share = CpuShare()
         job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep)
         row.update(job)

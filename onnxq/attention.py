@@ -42,7 +42,7 @@ class AttentionBlock:
         return asdict(self)
 
 
-class _Graph:
+class GraphIndex:
     """Producer/consumer lookups over one graph."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -132,7 +132,7 @@ class _Graph:
 
 def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
     """Every attention subgraph of the model, in graph order (unfused softmax attention and fused ops)."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     layers = {l.node: l for l in linear_layers(model)}
     by_output = {}
     for n in g.nodes:
@@ -153,7 +153,7 @@ def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
     return found
 
 
-def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims) -> AttentionBlock | None:
+def _unfused(g: GraphIndex, softmax: onnx.NodeProto, by_output, is_linear, head_dims) -> AttentionBlock | None:
     qk = g.upstream(softmax.input[0], lambda n: n.op_type == "MatMul" and not any(g.is_const(i) for i in n.input))
     pv = g.downstream(softmax.output[0], lambda n: n.op_type == "MatMul")
     if len(qk) != 1 or len(pv) != 1 or len(qk[0].input) != 2 or len(pv[0].input) != 2:
@@ -187,7 +187,7 @@ def _unfused(g: _Graph, softmax: onnx.NodeProto, by_output, is_linear, head_dims
     )
 
 
-def _strip_scale(g: _Graph, tensor: str) -> str:
+def _strip_scale(g: GraphIndex, tensor: str) -> str:
     """The tensor before a constant Mul/Div (attention scaling), else itself."""
     p = g.producer.get(tensor)
     if p is not None and p.op_type in ("Mul", "Div") and any(g.is_const(i) for i in p.input):
@@ -195,12 +195,12 @@ def _strip_scale(g: _Graph, tensor: str) -> str:
     return tensor
 
 
-def _probs_tensor(g: _Graph, softmax, pv, probs_in: int) -> str:
+def _probs_tensor(g: GraphIndex, softmax, pv, probs_in: int) -> str:
     """The probabilities entering P·V (after any NaN guard), falling back to the softmax output."""
     return pv.input[probs_in] if g.producer.get(pv.input[probs_in]) is not None else softmax.output[0]
 
 
-def _rope(g: _Graph, q_tensor: str) -> tuple[str | None, str | None, str | None]:
+def _rope(g: GraphIndex, q_tensor: str) -> tuple[str | None, str | None, str | None]:
     """Detect rotate-half RoPE `x·cos + rotate_half(x)·sin` (or a RotaryEmbedding op) producing q_tensor."""
     p = g.producer.get(q_tensor)
     if p is None:
@@ -226,15 +226,15 @@ def _rope(g: _Graph, q_tensor: str) -> tuple[str | None, str | None, str | None]
     return None, None, None
 
 
-def _has_neg(g: _Graph, concat) -> bool:
+def _has_neg(g: GraphIndex, concat) -> bool:
     return any((p := g.producer.get(i)) is not None and p.op_type == "Neg" for i in concat.input)
 
 
-def _is_trig(g: _Graph, t: str) -> bool:
+def _is_trig(g: GraphIndex, t: str) -> bool:
     return bool({"Cos", "Sin"} & g.ancestors_ops(t, limit=40))
 
 
-def _fused(g: _Graph, node: onnx.NodeProto, by_output, is_linear) -> AttentionBlock:
+def _fused(g: GraphIndex, node: onnx.NodeProto, by_output, is_linear) -> AttentionBlock:
     """A com.microsoft fused attention op: roles from its inputs, heads from its attributes."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     n_heads = attrs.get("num_heads")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.attention import GraphIndex
 from onnxq.errors import OnnxqError
 
 ROTATION_TAG = "onnxq_rotation"  # in the names of the online rotation nodes and their weights (never quantized)
@@ -131,11 +132,10 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     get = lambda name: numpy_helper.to_array(inits[name]).astype(np.float64)  # noqa: E731
+    dtype_of = lambda name: helper.tensor_dtype_to_np_dtype(inits[name].data_type)  # noqa: E731
 
     def put(name: str, value: np.ndarray) -> None:
-        old = inits[name]
-        new = numpy_helper.from_array(value.astype(numpy_helper.to_array(old).dtype), name)
-        old.CopyFrom(new)
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(dtype_of(name)), name))
 
     for norm in plan.norms:
         g = get(norm.scale)
@@ -143,8 +143,7 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
             put(w, r.T @ (g[:, None] * get(w)))
     if plan.norms:  # the folded norms multiply by ones; their scales may be shared with the final norm: left as they are
         ones = f"{ROTATION_TAG}.ones"
-        dtype = numpy_helper.to_array(inits[plan.norms[0].scale]).dtype
-        graph.initializer.append(numpy_helper.from_array(np.ones(plan.hidden, dtype), ones))
+        graph.initializer.append(numpy_helper.from_array(np.ones(plan.hidden, dtype_of(plan.norms[0].scale)), ones))
         sites = {n.node: n.scale_input for n in plan.norms}
         for node in graph.node:
             if node.output and node.output[0] in sites:
@@ -159,7 +158,7 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
             wv, wo = get(v), get(o)
             put(v, (wv.reshape(wv.shape[0], -1, d) @ r2).reshape(wv.shape))
             put(o, (r2.T @ wo.reshape(-1, d, wo.shape[1])).reshape(wo.shape))
-    dtype = numpy_helper.to_array(inits[plan.writers[0][0]]).dtype if plan.writers else np.float32
+    dtype = dtype_of(plan.writers[0][0]) if plan.writers else np.float32
     _insert_matmul(graph, plan.entry, r.astype(dtype), "in")
     _insert_matmul(graph, plan.exit, r.T.astype(dtype), "out")
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -181,22 +180,13 @@ def _insert_matmul(graph: onnx.GraphProto, tensor: str, matrix: np.ndarray, tag:
     graph.node.insert(pos, helper.make_node("MatMul", [tensor, f"{ROTATION_TAG}.{tag}.weight"], [out], name=f"{name}/MatMul"))
 
 
-class _Lookup:
-    """Producers, consumers, constants and initializer shapes of one graph."""
+class _Lookup(GraphIndex):
+    """`GraphIndex` plus initializer shapes and graph inputs."""
 
     def __init__(self, model: onnx.ModelProto):
-        graph = model.graph
-        self.dims = {t.name: list(t.dims) for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for t in n.input:
-                self.consumers.setdefault(t, []).append(n)
-        self.inputs = {i.name for i in graph.input}
-
-    def is_const(self, t: str) -> bool:
-        p = self.producer.get(t)
-        return t in self.dims or (p is not None and p.op_type == "Constant")
+        super().__init__(model)
+        self.dims = {t.name: list(t.dims) for t in model.graph.initializer}
+        self.inputs = {i.name for i in model.graph.input}
 
     def source(self, t: str) -> str:
         """The initializer behind `t` through Identity nodes (exporters alias shared parameters that way), else `t`."""
@@ -236,10 +226,9 @@ class _Lookup:
 
 def _embedding_output(g: _Lookup) -> str:
     """Output of the Gather that reads a 2-D embedding table with token ids from a graph input."""
-    for t, nodes in g.consumers.items():
-        for n in nodes:
-            if n.op_type == "Gather" and n.input[0] in g.dims and len(g.dims[n.input[0]]) == 2 and n.input[1] in g.inputs:
-                return n.output[0]
+    for n in g.nodes:
+        if n.op_type == "Gather" and len(g.dims.get(n.input[0], [])) == 2 and n.input[1] in g.inputs:
+            return n.output[0]
     raise OnnxqError("--rotate: no token embedding (Gather of a 2-D table by input ids) found: drop --rotate")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def test_resume_reruns_busy_rows_and_rows_of_another_cpu(smoke, tmp_path):
 
 
 def test_cpu_share_arithmetic(monkeypatch):
-    hz, n = __import__("os").sysconf("SC_CLK_TCK"), __import__("os").cpu_count()
+    hz, n = os.sysconf("SC_CLK_TCK"), os.cpu_count()
     ticks = lambda busy, steal: [busy, 0, 0, 1000, 0, 0, 0, steal]  # noqa: E731
     snaps = iter([(0.0, ticks(0, 0), 0.0), (10.0, ticks(int(8 * n * hz), int(n * hz)), 3.0 * n)])
     monkeypatch.setattr(R.CpuShare, "_now", staticmethod(lambda: next(snaps)))
@@ -226,4 +227,4 @@ def test_cpu_share_sees_another_process():
     time.sleep(1.2)  # the burner is not waited for: its CPU time is not ours
     seen = share.shares()
     burner.wait()
-    assert seen["other_cpu"] >= 0.8 / (1.2 * __import__("os").cpu_count()) - 0.05
+    assert seen["other_cpu"] >= 0.8 / (1.2 * os.cpu_count()) - 0.05
