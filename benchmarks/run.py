@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                     "the rows of its results JSON (default: today's file of this suite), run only the missing ones, "
                     "and write the result under that file's name")
     ap.add_argument("--rerun-busy", action="store_true", help="with --resume: also rerun the rows during which other "
-                    f"processes took more than {BUSY_SHARE:.0%} of the CPUs, and those measured on another CPU")
+                    f"processes took more than {BUSY_SHARE * 100:.0f}%% of the CPUs, and those measured on another CPU")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
     ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
     ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)

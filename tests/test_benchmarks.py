@@ -228,3 +228,10 @@ def test_cpu_share_sees_another_process():
     seen = share.shares()
     burner.wait()
     assert seen["other_cpu"] >= 0.8 / (1.2 * os.cpu_count()) - 0.05
+
+
+def test_help_prints(capsys):
+    with pytest.raises(SystemExit) as stop:
+        R.main(["--help"])
+    assert stop.value.code == 0
+    assert "--rerun-busy" in capsys.readouterr().out
