@@ -299,7 +299,8 @@ def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer
 
 
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> onnx.ModelProto:
-    """`passes.rotate` on a weightless proto: load the weights it rewrites, rotate, put them into `folder`'s memory."""
+    """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
+    `folder`'s memory."""
     from .io import detach_weights, load_tensor_data
     from .passes.rotate import residual_plan, rotate_residual
 
@@ -309,7 +310,8 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> onnx.ModelProto:
              if b.kind == "unfused" and b.v in weight and b.o in weight and b.head_dim]
     names = set(plan.tensors()) | {w for v, o, _ in heads for w in (v, o)}
     load_tensor_data([t for t in proto.graph.initializer if t.name in names], folder)
-    proto = rotate_residual(proto, plan, seed=seed, heads=heads)
+    o_proj = {o for _, o, _ in heads}  # R2 already rotates their inputs; the other writers (MLP down) get R4
+    proto = rotate_residual(proto, plan, seed=seed, heads=heads, online=[w for w, _ in plan.writers if w not in o_proj])
     proto, rotated = detach_weights(proto)
     folder.memory.update(rotated)
     return proto

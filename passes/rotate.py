@@ -44,6 +44,18 @@ def _paley12() -> np.ndarray:
     return s + np.eye(q + 1)
 
 
+def hadamard_factors(n: int, rng: np.random.Generator, inner: int = 128) -> tuple[np.ndarray, np.ndarray] | None:
+    """(A, B), orthonormal Hadamard matrices with random column signs and B of order min(2^a, inner), so that
+    A ⊗ B is one of order n; None where n is not 2^a · 12^b. x (A ⊗ B) = Aᵀ X B for X = x as [order A, order B]."""
+    if hadamard(n) is None:
+        return None
+    twos = n
+    while twos % 12 == 0:
+        twos //= 12
+    nb = min(twos, inner)  # the Sylvester part, a power of two: inner is one too
+    return random_rotation(n // nb, rng), random_rotation(nb, rng)
+
+
 def random_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
     """A random orthogonal n×n matrix: a Hadamard matrix with random column signs where one exists, else Haar (QR)."""
     h = hadamard(n)
@@ -121,11 +133,13 @@ def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
 
 
 def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0,
-                    heads: Sequence[tuple[str, str, int]] = ()) -> onnx.ModelProto:
+                    heads: Sequence[tuple[str, str, int]] = (), online: Sequence[str] = ()) -> onnx.ModelProto:
     """Rotate `model` in place by a random orthogonal R (hidden×hidden) along `plan`; returns `model`.
 
     The weights `plan.tensors()` must be loaded. `heads` lists (v weight, o weight, head dim) per attention block for
-    R2: each head's values are rotated by one Hadamard-type matrix and o_proj's rows by its transpose.
+    R2: each head's values are rotated by one Hadamard-type matrix and o_proj's rows by its transpose. `online` names
+    loaded weights (the MLP down projections: QuaRot's R4) whose inputs get an online Hadamard transform where their
+    width is 2^a · 12^b (`online_hadamard`); the others stay as they are.
     """
     rng = np.random.default_rng(seed)
     r = random_rotation(plan.hidden, rng)
@@ -158,6 +172,8 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
             wv, wo = get(v), get(o)
             put(v, (wv.reshape(wv.shape[0], -1, d) @ r2).reshape(wv.shape))
             put(o, (r2.T @ wo.reshape(-1, d, wo.shape[1])).reshape(wo.shape))
+    for w in online:
+        online_hadamard(model, w, rng)
     dtype = dtype_of(plan.writers[0][0]) if plan.writers else np.float32
     _insert_matmul(graph, plan.entry, r.astype(dtype), "in")
     _insert_matmul(graph, plan.exit, r.T.astype(dtype), "out")
@@ -165,6 +181,40 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
     for name in {n.scale for n in plan.norms} - used:  # a scale only the folded norms read
         graph.initializer.remove(inits[name])
     return model
+
+
+def online_hadamard(model: onnx.ModelProto, weight: str, rng: np.random.Generator) -> bool:
+    """Rotate the input of the MatMul reading `weight` [k, n] (loaded) by a random Hadamard H = A ⊗ B computed online
+    (reshape to [-1, |A|, |B|], two small MatMuls, reshape back) and set W <- Hᵀ W; False where k has no Hadamard."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    node = next(n for n in graph.node if n.op_type == "MatMul" and n.input[1] == weight)
+    w = numpy_helper.to_array(inits[weight]).astype(np.float64)
+    factors = hadamard_factors(w.shape[0], rng)
+    if factors is None:
+        return False
+    a, b = factors
+    dtype = helper.tensor_dtype_to_np_dtype(inits[weight].data_type)
+    rotated = np.einsum("pa,qb,pqj->abj", a, b, w.reshape(len(a), len(b), -1)).reshape(w.shape)
+    inits[weight].CopyFrom(numpy_helper.from_array(rotated.astype(dtype), weight))
+    base = f"{(node.name or node.output[0]).rsplit('/', 1)[0]}/{ROTATION_TAG}"
+    x = node.input[0]
+    consts = {"shape": np.array([-1, len(a), len(b)], np.int64), "b": b.astype(dtype), "a_t": a.T.astype(dtype)}
+    for key, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(value, f"{base}.{key}"))
+    t = lambda op: f"{base}/{op}_output_0"  # noqa: E731
+    new = [
+        helper.make_node("Shape", [x], [t("Shape")], name=f"{base}/Shape"),
+        helper.make_node("Reshape", [x, f"{base}.shape"], [t("Reshape")], name=f"{base}/Reshape"),
+        helper.make_node("MatMul", [t("Reshape"), f"{base}.b"], [t("MatMul")], name=f"{base}/MatMul"),
+        helper.make_node("MatMul", [f"{base}.a_t", t("MatMul")], [t("MatMul_1")], name=f"{base}/MatMul_1"),
+        helper.make_node("Reshape", [t("MatMul_1"), t("Shape")], [t("Reshape_1")], name=f"{base}/Reshape_1"),
+    ]
+    pos = list(graph.node).index(node)
+    for k, n in enumerate(new):
+        graph.node.insert(pos + k, n)
+    node.input[0] = t("Reshape_1")
+    return True
 
 
 def _insert_matmul(graph: onnx.GraphProto, tensor: str, matrix: np.ndarray, tag: str) -> None:

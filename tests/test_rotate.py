@@ -10,7 +10,10 @@ from onnx import numpy_helper
 from onnxq.attention import attention_blocks
 from onnxq.errors import OnnxqError
 from onnxq.passes.normalize import normalize
-from onnxq.passes.rotate import ROTATION_TAG, hadamard, random_rotation, residual_plan, rotate_residual
+from onnxq.analysis import linear_layers
+from onnxq.passes.rotate import (
+    ROTATION_TAG, hadamard, hadamard_factors, random_rotation, residual_plan, rotate_residual,
+)
 from tests.tiny import tiny_bert_onnx, tiny_gpt2_onnx, tiny_llama_onnx
 
 
@@ -118,3 +121,38 @@ def test_layernorm_models_are_refused_in_one_line(tmp_path, make):
     with pytest.raises(OnnxqError, match="--rotate: .*drop --rotate") as err:
         residual_plan(model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("n, inner, nb", [(192, 128, 16), (192, 4, 4), (1536, 128, 128), (256, 128, 128), (12, 128, 1)])
+def test_hadamard_factors_make_a_hadamard_matrix(n, inner, nb):
+    a, b = hadamard_factors(n, np.random.default_rng(0), inner=inner)
+    assert len(b) == nb
+    h = np.kron(a, b)
+    np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+    np.testing.assert_allclose(np.abs(h), 1 / np.sqrt(n), rtol=1e-12)
+    assert hadamard_factors(20, np.random.default_rng(0)) is None
+
+
+def test_online_hadamard_before_down_proj_keeps_the_logits(llama):
+    rotated = onnx.ModelProto()
+    rotated.CopyFrom(llama)
+    plan = residual_plan(rotated)
+    blocks = attention_blocks(rotated)
+    weights = {n.name: n.input[1] for n in rotated.graph.node if n.op_type == "MatMul"}
+    o_weights = {weights[b.o] for b in blocks}
+    down = [w for w, _ in plan.writers if w not in o_weights]
+    assert len(down) == 3
+    rotate_residual(rotated, plan, seed=2, online=down)
+    ids = np.random.default_rng(1).integers(0, 256, (2, 20))
+    want, got = _logits(llama, ids), _logits(rotated, ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    layers = [l for l in linear_layers(rotated) if ROTATION_TAG in l.node and l.block is not None]
+    assert len(layers) == 3 and {l.block for l in layers} == {0, 1, 2}  # one online MatMul per block, in its block
+    assert sum(ROTATION_TAG in n.name for n in rotated.graph.node) == 2 + 3 * 5
+    alone = onnx.ModelProto()
+    alone.CopyFrom(llama)
+    rotate_residual(alone, residual_plan(alone), seed=2)  # the same R1, no R4
+    r1_only = {t.name: numpy_helper.to_array(t) for t in alone.graph.initializer}
+    inits = {t.name: numpy_helper.to_array(t) for t in rotated.graph.initializer}
+    assert all(not np.allclose(inits[w], r1_only[w]) for w in down)
+    assert all(np.allclose(np.linalg.norm(inits[w], axis=0), np.linalg.norm(r1_only[w], axis=0)) for w in down)
