@@ -73,8 +73,8 @@ def quantize(
     bias_correction: bool = typer.Option(False, help="solve on centred activation statistics and add the output bias "
                                          "that removes each layer's mean error (an Add after the quantized MatMul)"),
     rotate: bool = typer.Option(False, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
-                                "each head's values before quantizing: same float function, fewer weight outliers "
-                                "(pre-RMSNorm decoders only; adds two small float MatMuls; for generation quantize the with-past export "
+                                "each head's values, and online each MLP down projection's input, before quantizing: same float "
+                                "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; for generation quantize the with-past export "
                                 "itself, as float weights change too)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
     exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),

@@ -32,7 +32,7 @@ class QuantRecipe:
     v_row_factor: bool = False  # BoA/TurboBoA: V gets the row Hessian W_O,h^T W_O,h (spec §3), not the identity
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
-    rotate: bool = False  # rotate the residual stream and each head's values first (passes/rotate.py; RMSNorm decoders)
+    rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (passes/rotate.py)
     calib_windows: int = 16
     calib_seq_len: int = 512
     accuracy_level: int = 0  # exact fp32 activations (ORT quantizer default); --target cpu picks 4 (int8, faster)

@@ -1,9 +1,10 @@
-"""Rotate the residual stream of a pre-RMSNorm decoder (QuaRot-style R1, and R2 per attention head), offline.
+"""Rotate the residual stream of a pre-RMSNorm decoder (QuaRot-style R1, R2 per attention head, R4 online).
 
 The function computed by the graph does not change: each RMSNorm's scale is folded into the linear layers that read
 it, those layers get `W <- Rᵀ diag(g) W`, the layers that write into the stream get `W <- W R`, and the stream is
 rotated once after the embedding and back once before the final norm (two small float MatMuls), so the embedding and a
-tied LM head stay untouched. Rotated weights have fewer outliers, which is what low-bit grids need (spec §8).
+tied LM head stay untouched. R4 rotates the input of each MLP down projection online (`online_hadamard`). Rotated
+weights have fewer outliers, which is what low-bit grids need (spec §8).
 """
 from __future__ import annotations
 
