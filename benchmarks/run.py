@@ -432,11 +432,13 @@ def _run(args) -> int:
     head = header(args, opts, lat, model, past, windows, calib)
     cpu = cpu_name()
     done: dict[str, dict] = {}
+    before: dict[str, dict] = {}  # every row of the resumed file: written until this run replaces it
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
         old = json.loads(stem.with_suffix(".json").read_text())
         head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu}"]}
-        done = {r["label"]: r for r in old["rows"] if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}
+        before = {r["label"]: r for r in old["rows"]}
+        done = {k: r for k, r in before.items() if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}
         extra = [v for v in old["variants"] if v["label"] in done]
     rows = [done.get("float (fp32 export)") or {"label": "float (fp32 export)", "tool": "float", "cpu": cpu}]
     if "ppl" not in rows[0]:
@@ -449,7 +451,8 @@ def _run(args) -> int:
     _print(rows[0])
     wanted = set(opts["variants"])
     picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
-    head["rows_planned"] = 1 + sum(picked(label(cfg)) for cfg in SUITES[args.suite])
+    order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite] if picked(label(cfg))]
+    head["rows_planned"] = len(order)
     for i, cfg in enumerate(SUITES[args.suite]):
         name = label(cfg)
         if not picked(name):
@@ -476,8 +479,8 @@ def _run(args) -> int:
         row["cpu_share"] = share.shares()
         rows.append(row)
         _print(row)
-        write(stem, head, rows, extra)
-    write(stem, head, rows, extra)
+        write(stem, head, in_order(rows, before, order), extra)
+    write(stem, head, in_order(rows, before, order), extra)
     if args.plot:
         from benchmarks.plot import plot
 
@@ -486,6 +489,13 @@ def _run(args) -> int:
         update_readme(Path(args.readme), stem)
     print(f"wrote {stem}.md / .json" + (" / .png" if args.plot else ""))
     return 0
+
+
+def in_order(rows: list[dict], before: dict[str, dict], order: list[str]) -> list[dict]:
+    """The rows to write, in suite order: this run's where it has one, else the resumed file's (so a resumed run that
+    is cut short again still writes every row it was given)."""
+    have = {**before, **{r["label"]: r for r in rows}}
+    return [have[name] for name in order if name in have]
 
 
 def header(args, opts, lat, model, past, windows, calib) -> dict:

@@ -235,3 +235,31 @@ def test_help_prints(capsys):
         R.main(["--help"])
     assert stop.value.code == 0
     assert "--rerun-busy" in capsys.readouterr().out
+
+
+def test_a_resumed_run_cut_short_again_keeps_every_row(smoke, tmp_path, monkeypatch):
+    """--rerun-busy reruns rows 1 and 2; the run dies while rerunning row 2: the file still has all five rows, row 1
+    new, row 2 still the old (busy) one, rows 3 and 4 kept."""
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    rows = [dict(r, cpu_share={}) for r in data["rows"]]
+    rows[1] = {**rows[1], "ppl": 111.0, "cpu_share": {"other_cpu": 0.5, "steal": 0.0}}
+    rows[2] = {**rows[2], "ppl": 222.0, "cpu_share": {"other_cpu": 0.5, "steal": 0.0}}
+    rows[3], rows[4] = {**rows[3], "ppl": 333.0}, {**rows[4], "ppl": 444.0}
+    R.write(cut.with_suffix(""), data["header"], rows, [])
+    real, calls = R.run_job, []
+
+    def dies_on_the_second_job(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(R, "run_job", dies_on_the_second_job)
+    with pytest.raises(KeyboardInterrupt):
+        R.main(["--suite", "smoke", "--resume", str(cut), "--rerun-busy", "--work", str(tmp / "work"),
+                "--no-latency", "--no-plot"])
+    out = json.loads(cut.read_text())["rows"]
+    assert [r["label"] for r in out] == [r["label"] for r in data["rows"]]
+    assert out[1]["ppl"] == pytest.approx(data["rows"][1]["ppl"], rel=1e-6)  # rerun
+    assert [r["ppl"] for r in out[2:]] == [222.0, 333.0, 444.0]
