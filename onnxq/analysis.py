@@ -8,6 +8,7 @@ import onnx
 
 from .errors import OnnxqError
 
+ROTATION_TAG = "onnxq_rotation"  # in the names of --rotate's online rotation nodes and weights (float, never quantized)
 _BLOCK_RE = re.compile(r"(?:^|[/._])(?:layers|layer|h|blocks|block|decoder_layers)[./_](\d+)(?=[/._]|$)")
 _ROLE_RE = re.compile(
     r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|c_attn|c_proj|c_fc|gate_proj|up_proj|down_proj|gate_up_proj|"
@@ -46,7 +47,9 @@ def block_index(name: str) -> int | None:
 
 
 def layer_role(name: str) -> str:
-    """A short role from the node name (q_proj, up_proj, lm_head, ...) or 'linear'."""
+    """A short role from the node name (q_proj, up_proj, lm_head, ..., 'rotation' for --rotate's) or 'linear'."""
+    if ROTATION_TAG in name:
+        return "rotation"
     m = _ROLE_RE.search(name)
     return m.group(1).replace("/", ".") if m else "linear"
 

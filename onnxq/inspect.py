@@ -293,7 +293,7 @@ def _structure(model: onnx.ModelProto, layers: list[Layer]) -> dict:
         layer.role = found.role if found else layer.role
         layer.attention = roles.get(layer.name)
     blocks = {b for n in model.graph.node if (b := block_index(n.name)) is not None}
-    per_block = Counter(l.block for l in layers if l.block is not None)
+    per_block = Counter(l.block for l in layers if l.block is not None and l.role != "rotation")
     return {
         "count": len(blocks),
         "layers_per_block": max(per_block.values()) if per_block else 0,

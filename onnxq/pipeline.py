@@ -17,7 +17,6 @@ from . import __version__
 from .analysis import LinearLayer, linear_layers, partition
 from .errors import OnnxqError
 from .io import read_array
-from .passes.rotate import ROTATION_TAG
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
@@ -51,7 +50,7 @@ def select_layers(model: onnx.ModelProto, recipe: QuantRecipe) -> list[LinearLay
     pats = [re.compile(p) for p in recipe.exclude]
     chosen = [
         l for l in linear_layers(model)
-        if ROTATION_TAG not in l.node and not any(p.search(l.node) or p.search(l.role) for p in pats)
+        if l.role != "rotation" and not any(p.search(l.node) or p.search(l.role) for p in pats)
     ]  # the online rotations of --rotate stay float
     if not chosen:
         inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}

@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.analysis import ROTATION_TAG
 from onnxq.attention import GraphIndex
 from onnxq.errors import OnnxqError
 
-ROTATION_TAG = "onnxq_rotation"  # in the names of the online rotation nodes and their weights (never quantized)
 _NORM_OPS = {"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"}
 _SHAPE_ONLY = {"Shape", "Size"}
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from onnxq import QuantRecipe
 from onnxq.cli import app
+from onnxq.inspect import inspect_model
 from onnxq.passes.metadata import read_provenance
 from onnxq.pipeline import quantize
 from onnxq.runtime.session import make_session, model_feeds
@@ -226,6 +227,9 @@ def test_rotate_end_to_end(llama, tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 14
     online = [n for n in model.graph.node if n.op_type == "MatMul" and "onnxq_rotation" in n.name]
     assert len(online) == 2 + 2 * 2  # R1 in and out; R4 (two small MatMuls) before each down_proj
+    info = inspect_model(out)
+    assert info["blocks"]["layers_per_block"] == 7  # the rotations are not counted as the blocks' layers
+    assert sum(l["role"] == "rotation" for l in info["layers"]) == 4  # R1 in/out, R4's MatMul with its constant
     ids = _windows(2, 16, seed=1)
     ref, got = _logits(llama, ids), _logits(out, ids)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
