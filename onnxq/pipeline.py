@@ -103,8 +103,9 @@ def quantize(
     folder = Weights(folder, memory)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
     proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
+    rotation = None
     if recipe.rotate:
-        proto = _rotate(proto, folder, recipe.seed)
+        proto, rotation = _rotate(proto, folder, recipe.seed)
     layers = select_layers(proto, recipe)
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
     if data_free:
@@ -153,6 +154,7 @@ def quantize(
         "float_zero": recipe.float_zero,
         "bias_correction": recipe.bias_correction,
         "rotate": recipe.rotate,
+        "rotation": rotation,
         "target": recipe.target,
         "accuracy_level": recipe.accuracy_level,
         "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
@@ -297,23 +299,28 @@ def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer
             for a in attn if a.v in by_node and a.o in by_node}
 
 
-def _rotate(proto: onnx.ModelProto, folder, seed: int) -> onnx.ModelProto:
+def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:
     """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
-    `folder`'s memory."""
+    `folder`'s memory. Returns the rotated proto and what was rotated, in words."""
     from .io import detach_weights, load_tensor_data
-    from .passes.rotate import residual_plan, rotate_residual
+    from .passes.rotate import hadamard, residual_plan, rotate_residual
 
     plan = residual_plan(proto)
     weight = {l.node: l.weight for l in linear_layers(proto)}
     heads = [(weight[b.v], weight[b.o], b.head_dim) for b in attention_blocks(proto)
              if b.kind == "unfused" and b.v in weight and b.o in weight and b.head_dim]
     names = set(plan.tensors()) | {w for v, o, _ in heads for w in (v, o)}
-    load_tensor_data([t for t in proto.graph.initializer if t.name in names], folder)
     o_proj = {o for _, o, _ in heads}  # R2 already rotates their inputs; the other writers (MLP down) get R4
-    proto = rotate_residual(proto, plan, seed=seed, heads=heads, online=[w for w, _ in plan.writers if w not in o_proj])
+    online = [w for w, _ in plan.writers if w not in o_proj]
+    rows = {t.name: t.dims[0] for t in proto.graph.initializer if t.name in online}
+    load_tensor_data([t for t in proto.graph.initializer if t.name in names], folder)
+    proto = rotate_residual(proto, plan, seed=seed, heads=heads, online=online)
     proto, rotated = detach_weights(proto)
     folder.memory.update(rotated)
-    return proto
+    r4 = sum(hadamard(rows[w]) is not None for w in online)
+    skipped = "; the others' widths have no Hadamard matrix" if r4 < len(online) else ""
+    return proto, (f"R1 (residual stream of width {plan.hidden}), R2 ({len(heads)} attention blocks), "
+                   f"R4 ({r4} of {len(online)} MLP down projections{skipped})")
 
 
 def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -224,6 +224,8 @@ def test_rotate_end_to_end(llama, tmp_path):
     assert rep.layers == 14
     model = onnx.load(out)
     assert read_provenance(model)["rotate"] in (True, "True", "true")
+    assert read_provenance(model)["rotation"] == ("R1 (residual stream of width 64), R2 (2 attention blocks), "
+                                                  "R4 (2 of 2 MLP down projections)")
     assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 14
     online = [n for n in model.graph.node if n.op_type == "MatMul" and "onnxq_rotation" in n.name]
     assert len(online) == 2 + 2 * 2  # R1 in and out; R4 (two small MatMuls) before each down_proj

@@ -156,3 +156,14 @@ def test_online_hadamard_before_down_proj_keeps_the_logits(llama):
     inits = {t.name: numpy_helper.to_array(t) for t in rotated.graph.initializer}
     assert all(not np.allclose(inits[w], r1_only[w]) for w in down)
     assert all(np.allclose(np.linalg.norm(inits[w], axis=0), np.linalg.norm(r1_only[w], axis=0)) for w in down)
+
+
+def test_online_hadamard_skips_widths_without_one(tmp_path):
+    model = normalize(onnx.load(tiny_llama_onnx(tmp_path, layers=1, hidden=96, heads=4, kv_heads=2, intermediate=160)))
+    plan = residual_plan(model)
+    down = plan.writers[1][0]
+    want = _logits(model, ids := np.random.default_rng(2).integers(0, 256, (1, 10)))
+    rotate_residual(model, plan, seed=0, online=[down])
+    assert sum(ROTATION_TAG in n.name for n in model.graph.node) == 2  # R1 only: 160 = 2^5 * 5 has no Hadamard
+    got = _logits(model, ids)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
