@@ -4,7 +4,7 @@ import torch
 
 from onnxq.errors import OnnxqError
 from onnxq.solvers import QuantSpec, find_grid, minmax_grid, mse_grid, solve_rtn
-from onnxq.solvers.grid import _grouped, fake_quant
+from onnxq.solvers.grid import _grouped, fake_quant, quant_error
 
 DT = torch.float64
 
@@ -138,3 +138,17 @@ def test_fake_quant_integer_zero_is_unchanged():
 def test_float_zero_spec_errors():
     with pytest.raises(OnnxqError, match="asymmetric"):
         QuantSpec(4, 16, True, float_zero=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_quant_error_is_fake_quant_minus_w_bit_for_bit(dtype, float_zero):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 4, 32, generator=g, dtype=dtype)
+    s = torch.rand(64, 4, 1, generator=g, dtype=dtype) * 0.3 + 0.05
+    z = torch.rand(64, 4, 1, generator=g, dtype=dtype) * 15
+    z = z if float_zero else z.round()
+    w0 = w.clone()
+    want = fake_quant(w, s, z, 15)[0] - w
+    got = quant_error(w, s, z, 15)
+    assert torch.equal(got, want) and torch.equal(w, w0)  # same bits, and w is not overwritten

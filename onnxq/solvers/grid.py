@@ -75,6 +75,13 @@ def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tenso
     return scale * (code - zero), code
 
 
+def quant_error(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """fake_quant(w, scale, zero, maxq)[0] - w, the same operations in place (the grid searches' inner loop)."""
+    whole = torch.round(zero)
+    code = w / scale
+    return code.add_(zero - whole).round_().add_(whole).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(w)
+
+
 def _grouped(W: Tensor, gs: int) -> Tensor:
     """[..., r, n] -> [..., r, G, gs], zero-padded (zeros never move min/max and quantize to 0)."""
     n = W.shape[-1]
@@ -119,10 +126,12 @@ def _candidate(lo: Tensor, hi: Tensor, p: float | Tensor, spec: QuantSpec, rnd=t
 
 
 def _best(Wg: Tensor, valid: Tensor, candidates, score, maxq: int) -> tuple[Tensor, Tensor]:
-    """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta) on real columns."""
+    """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta) on real columns
+    (score may overwrite delta)."""
     best = S = Z = None
+    padding = ~valid
     for s, z in candidates:
-        err = score((fake_quant(Wg, s[..., None], z[..., None], maxq)[0] - Wg).masked_fill(~valid, 0))
+        err = score(quant_error(Wg, s[..., None], z[..., None], maxq).masked_fill_(padding, 0))
         if best is None:
             best, S, Z = err, s, z
             continue
@@ -147,7 +156,7 @@ def minmax_grid(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 def mse_grid(W: Tensor, spec: QuantSpec, *, grid: int = 100, maxshrink: float = 0.8, norm: float = 2.4) -> tuple[Tensor, Tensor]:
     """GPTQ's MSE search: shrink p = 1 - i/grid for i < maxshrink*grid, score sum |delta|^norm."""
     cands = [(1 - i / grid, torch.round) for i in range(int(maxshrink * grid))]
-    return _search(W, spec, cands, lambda d: d.abs().pow(norm).sum(-1))
+    return _search(W, spec, cands, lambda d: d.abs_().pow_(norm).sum(-1))  # d is a temporary
 
 
 def hessian_weighted_grid(
@@ -169,7 +178,7 @@ def hessian_weighted_grid(
     lo, hi = _ranges(Wg, spec, valid)
     shrinks = [1 - k / 100 for k in range(n_shrink)]
     cheap = torch.stack([  # rank shrink factors by the diagonal score with a rounded zero point
-        ((fake_quant(Wg, s[..., None], z[..., None], spec.maxq)[0] - Wg) ** 2 * diag).sum(-1)
+        (quant_error(Wg, s[..., None], z[..., None], spec.maxq).square_() * diag).sum(-1)
         for s, z in (_candidate(lo, hi, p, spec, torch.round) for p in shrinks)
     ])
     keep = max(1, top_k // len(rnds))
