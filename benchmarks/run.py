@@ -451,8 +451,8 @@ def _run(args) -> int:
     _print(rows[0])
     wanted = set(opts["variants"])
     picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
-    order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite] if picked(label(cfg))]
-    head["rows_planned"] = len(order)
+    order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite]]  # the file keeps rows --skip leaves out
+    head.setdefault("rows_planned", 1 + sum(picked(name) for name in order[1:]))  # a resumed run keeps its plan
     for i, cfg in enumerate(SUITES[args.suite]):
         name = label(cfg)
         if not picked(name):
@@ -495,7 +495,7 @@ def in_order(rows: list[dict], before: dict[str, dict], order: list[str]) -> lis
     """The rows to write, in suite order: this run's where it has one, else the resumed file's (so a resumed run that
     is cut short again still writes every row it was given)."""
     have = {**before, **{r["label"]: r for r in rows}}
-    return [have[name] for name in order if name in have]
+    return [have[name] for name in order if name in have] + [r for name, r in have.items() if name not in order]
 
 
 def header(args, opts, lat, model, past, windows, calib) -> dict:

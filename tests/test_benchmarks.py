@@ -263,3 +263,18 @@ def test_a_resumed_run_cut_short_again_keeps_every_row(smoke, tmp_path, monkeypa
     assert [r["label"] for r in out] == [r["label"] for r in data["rows"]]
     assert out[1]["ppl"] == pytest.approx(data["rows"][1]["ppl"], rel=1e-6)  # rerun
     assert [r["ppl"] for r in out[2:]] == [222.0, 333.0, 444.0]
+
+
+def test_a_resume_with_skip_keeps_the_skipped_rows_of_the_file(smoke, tmp_path):
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    rows = [dict(r, cpu_share={}) for r in data["rows"]]
+    skipped = rows[3]["label"]
+    assert sum(skipped in r["label"] for r in rows) == 1
+    R.write(cut.with_suffix(""), data["header"], rows[:2] + rows[3:], [])  # row 2 missing
+    rc = R.main(["--suite", "smoke", "--resume", str(cut), "--skip", skipped, "--work", str(tmp / "work"),
+                 "--no-latency", "--no-plot"])
+    assert rc == 0
+    out = json.loads(cut.read_text())
+    assert [r["label"] for r in out["rows"]] == [r["label"] for r in data["rows"]]  # row 2 run, row 3 kept
+    assert out["header"]["rows_planned"] == data["header"]["rows_planned"]
