@@ -303,7 +303,7 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
     """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
     `folder`'s memory. Returns the rotated proto and what was rotated, in words."""
     from .io import detach_weights, load_tensor_data
-    from .passes.rotate import hadamard, residual_plan, rotate_residual
+    from .passes.rotate import is_hadamard_order, residual_plan, rotate_residual
 
     plan = residual_plan(proto)
     weight = {l.node: l.weight for l in linear_layers(proto)}
@@ -317,7 +317,7 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
     proto = rotate_residual(proto, plan, seed=seed, heads=heads, online=online)
     proto, rotated = detach_weights(proto)
     folder.memory.update(rotated)
-    r4 = sum(hadamard(rows[w]) is not None for w in online)
+    r4 = sum(is_hadamard_order(rows[w]) for w in online)
     skipped = "; the others' widths have no Hadamard matrix" if r4 < len(online) else ""
     return proto, (f"R1 (residual stream of width {plan.hidden}), R2 ({len(heads)} attention blocks), "
                    f"R4 ({r4} of {len(online)} MLP down projections{skipped})")

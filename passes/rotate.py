@@ -45,10 +45,17 @@ def _paley12() -> np.ndarray:
     return s + np.eye(q + 1)
 
 
+def is_hadamard_order(n: int) -> bool:
+    """Whether `hadamard(n)` has a matrix (n = 2^a · 12^b), without building it."""
+    while n % 12 == 0:
+        n //= 12
+    return n > 0 and n & (n - 1) == 0
+
+
 def hadamard_factors(n: int, rng: np.random.Generator, inner: int = 128) -> tuple[np.ndarray, np.ndarray] | None:
     """(A, B), orthonormal Hadamard matrices with random column signs and B of order min(2^a, inner), so that
     A ⊗ B is one of order n; None where n is not 2^a · 12^b. x (A ⊗ B) = Aᵀ X B for X = x as [order A, order B]."""
-    if hadamard(n) is None:
+    if not is_hadamard_order(n):
         return None
     twos = n
     while twos % 12 == 0:
@@ -189,7 +196,7 @@ def online_hadamard(model: onnx.ModelProto, weight: str, rng: np.random.Generato
     (reshape to [-1, |A|, |B|], two small MatMuls, reshape back) and set W <- Hᵀ W; False where k has no Hadamard."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    node = next(n for n in graph.node if n.op_type == "MatMul" and n.input[1] == weight)
+    pos, node = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "MatMul" and n.input[1] == weight)
     w = numpy_helper.to_array(inits[weight]).astype(np.float64)
     factors = hadamard_factors(w.shape[0], rng)
     if factors is None:
@@ -211,7 +218,6 @@ def online_hadamard(model: onnx.ModelProto, weight: str, rng: np.random.Generato
         helper.make_node("MatMul", [f"{base}.a_t", t("MatMul")], [t("MatMul_1")], name=f"{base}/MatMul_1"),
         helper.make_node("Reshape", [t("MatMul_1"), t("Shape")], [t("Reshape_1")], name=f"{base}/Reshape_1"),
     ]
-    pos = list(graph.node).index(node)
     for k, n in enumerate(new):
         graph.node.insert(pos + k, n)
     node.input[0] = t("Reshape_1")

@@ -12,7 +12,7 @@ from onnxq.errors import OnnxqError
 from onnxq.passes.normalize import normalize
 from onnxq.analysis import linear_layers
 from onnxq.passes.rotate import (
-    ROTATION_TAG, hadamard, hadamard_factors, random_rotation, residual_plan, rotate_residual,
+    ROTATION_TAG, hadamard, hadamard_factors, is_hadamard_order, random_rotation, residual_plan, rotate_residual,
 )
 from tests.tiny import tiny_bert_onnx, tiny_gpt2_onnx, tiny_llama_onnx
 
@@ -26,6 +26,7 @@ def test_hadamard_is_orthogonal_with_equal_magnitudes(n):
 
 def test_no_hadamard_for_other_orders_but_a_rotation_anyway():
     assert hadamard(20) is None and hadamard(96 * 5) is None
+    assert all(is_hadamard_order(n) == (hadamard(n) is not None) for n in range(1, 300))
     r = random_rotation(20, np.random.default_rng(0))
     np.testing.assert_allclose(r @ r.T, np.eye(20), atol=1e-12)
     a, b = random_rotation(64, np.random.default_rng(1)), random_rotation(64, np.random.default_rng(2))
