@@ -3,6 +3,7 @@
     python -m benchmarks.run --suite quick [--update-readme]     # every setting, ORT without GPTQ (hours on 2 cores)
     python -m benchmarks.run --suite full                         # + all onnxq solvers everywhere, ORT GPTQ (~30 min each)
     python -m benchmarks.run --suite smoke                        # tiny random Llama built in code, seconds (CI)
+    python -m benchmarks.run --suite cuda --ep cuda               # on a GPU: the 4/8-bit rows the CUDA EP runs
     python -m benchmarks.run --suite issue2 | issue3              # the earlier issue suites (no latency)
 
 Every quantization runs in its own process (`benchmarks.job`: its wall time and peak RSS are its own; a crash or a
@@ -94,6 +95,11 @@ SUITES: dict[str, list[dict]] = {
     "quick": _matrix(ONNXQ[:2], ONNXQ[2:], ORT_FAST),
     # full: every onnxq solver at every setting, and ORT's GPTQ (about 30 min per run on SmolLM2, 2 cores)
     "full": _matrix(ONNXQ, [], ORT_FAST + ("gptq",)),
+    # cuda: what the CUDA EP runs (4 and 8 bits), fastest first, for a GPU lease measured in minutes
+    "cuda": [_ort("default", 4, 128), _onnxq(dict(algo="rtn"), 4, 128), _onnxq(dict(algo="gptq"), 4, 128),
+             _onnxq(dict(algo="turboboa"), 4, 128), _onnxq(dict(algo="gptq"), 4, 128, format="qdq"),
+             _ort("default", 4, 128, quant_format="qdq"), _ort("hqq", 4, 128), _onnxq(dict(algo="boa"), 4, 128),
+             _onnxq(dict(algo="rtn"), 8, 128), _ort("default", 8, 128), _onnxq(dict(algo="turboboa"), 4, 32)],
 }
 
 # Per-suite options; suites not listed run without latency on the default model (as issue2/issue3 always did).
@@ -106,6 +112,7 @@ OPTIONS: dict[str, dict] = {
                                              "ort:default W4 g128 asym", "ort:default W4 g128 asym qdq"]),
     "full": dict(latency=LATENCY, variants=["onnxq:gptq W4 g128 asym", "onnxq:gptq W4 g128 asym qdq",
                                             "ort:default W4 g128 asym", "ort:default W4 g128 asym qdq"]),
+    "cuda": dict(latency=LATENCY),
 }
 DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=16, variants=[])
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -167,7 +174,14 @@ def machine(ep: str) -> str:
     except (OSError, AttributeError):
         pass
     load = ", load average %.1f at start" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return f"{cpu} ({platform.machine()}){mem}, {platform.system()}; EP {ep}{load}"
+    return f"{cpu} ({platform.machine()}){mem}, {platform.system()}{gpu_name()}; EP {ep}{load}"
+
+
+def gpu_name() -> str:
+    """', GPU <name>' when torch sees a CUDA device, else ''."""
+    import torch
+
+    return f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
 
 
 class CpuShare:
@@ -274,9 +288,9 @@ def weight_stats(path: Path) -> dict:
 # ---- the run -----------------------------------------------------------------------------------------------------
 
 
-def run_job(cfg: dict, model: Path, out: Path, *, calib_npy: Path, ep: str) -> dict:
-    """Quantize in a child process; returns the job's JSON ({"error": ...} on failure)."""
-    job_cfg = {**cfg, "calib_npy": str(calib_npy), "ep": ep}
+def run_job(cfg: dict, model: Path, out: Path, *, calib_npy: Path, ep: str, device: str = "cpu") -> dict:
+    """Quantize in a child process; returns the job's JSON ({"error": ...} on failure). `device`: onnxq's solvers."""
+    job_cfg = {**cfg, "calib_npy": str(calib_npy), "ep": ep, **({"device": device} if cfg["tool"] == "onnxq" else {})}
     result = out.with_suffix(".job.json")
     result.unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "-m", "benchmarks.job", json.dumps(job_cfg), str(model), str(out)],
@@ -292,10 +306,13 @@ def run_job(cfg: dict, model: Path, out: Path, *, calib_npy: Path, ep: str) -> d
 
 
 def score(row: dict, path: Path, windows: np.ndarray, ep: str) -> None:
-    """PPL, size and bits per weight of a model file, into `row`."""
+    """PPL, size and bits per weight of a model file, into `row`; off the CPU EP, also the CPU EP's PPL of the same
+    file (the two EPs must agree)."""
     from onnxq.runtime.evaluate import file_size, perplexity
 
     row["ppl"] = round(perplexity(path, windows, ep), 3)
+    if ep != "cpu":
+        row["ppl_cpu_ep"] = round(perplexity(path, windows, "cpu"), 3)
     row["size_mb"] = round(file_size(path) / 2**20, 2)
     row.update(weight_stats(path))
 
@@ -370,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=os.environ.get("ONNXQ_BENCH_WORK", "/tmp/onnxq-bench"))
     ap.add_argument("--only", default="", help="run only rows whose label contains this")
     ap.add_argument("--skip", default="", help="skip rows whose label contains this")
-    ap.add_argument("--ep", default="cpu", help="execution provider for calibration, perplexity and latency (cpu, cuda)")
+    ap.add_argument("--ep", default="cpu", help="execution provider for calibration, perplexity and latency (cpu, "
+                    "cuda); off the CPU, each file's perplexity is also measured on the CPU EP")
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="torch device of onnxq's solvers (default: cuda with "
+                    "--ep cuda, else cpu)")
     ap.add_argument("--threads", type=int, help="ORT intra-op threads for latency (default: ORT's choice)")
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                     help="measure latency (default: on for smoke/quick/full)")
@@ -389,8 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.errors import OnnxqError
     from onnxq.runtime.session import providers_for
 
+    args.device = args.device or ("cuda" if args.ep == "cuda" else "cpu")
     try:
         providers_for(args.ep)  # fail here, in one line, before any work
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise OnnxqError("--device cuda: this torch sees no CUDA device (install a CUDA build of torch, or "
+                                 "give --device cpu)")
         if args.resume and not Path(args.resume).is_file():
             raise OnnxqError(f"--resume {args.resume}: no such results file (give a <date>-<suite>.json, or no value "
                              "for today's file of the suite)")
@@ -463,7 +490,7 @@ def _run(args) -> int:
         out = work / f"{args.suite}-{i}.onnx"
         row = {"label": name, **cfg, "cpu": cpu}
         share = CpuShare()
-        job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep)
+        job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep, device=args.device)
         row.update(job)
         if "error" not in job:
             try:
@@ -502,7 +529,8 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
     """The facts a reader needs to reproduce or discount the numbers."""
     argv = ["--suite", args.suite] + sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in (
         ("model", args.model if args.model != "smollm2" else None), ("only", args.only or None),
-        ("skip", args.skip or None), ("ep", args.ep if args.ep != "cpu" else None), ("threads", args.threads),
+        ("skip", args.skip or None), ("ep", args.ep if args.ep != "cpu" else None),
+        ("device", args.device if args.device != ("cuda" if args.ep == "cuda" else "cpu") else None), ("threads", args.threads),
         ("repeats", args.repeats)) if v is not None), [])
     if args.latency is not None:
         argv.append("--latency" if args.latency else "--no-latency")
@@ -521,6 +549,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
                   "exclude; ORT rows of quick/full/smoke pass lm_head in nodes_to_exclude)",
         "bpw": "bits per weight of the quantized layers from onnxq.inspect: stored codes + scales + zero points "
                "(+ padding to whole blocks) × 8 / K·N",
+        "solvers": f"onnxq's solvers on torch {args.device}",
         "quant time": "wall time of one run of the quantizer in its own process, model load and save included "
                       "(not repeated); peak RSS of that process",
     }
@@ -593,15 +622,18 @@ def footnotes(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    """The main Markdown table."""
+    """The main Markdown table (with a CPU-EP PPL column when the run was on another EP)."""
     fp, cpu = rows[0]["ppl"], main_cpu(rows)
-    lines = ["| setting | format | PPL | Δ vs fp32 | bits/weight | size (MB) | quant time (s) | peak RSS (MiB) "
-             "| decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cross = any("ppl_cpu_ep" in r for r in rows)
+    cols = ["setting", "format", "PPL"] + ["PPL (CPU EP)"] * cross + ["Δ vs fp32", "bits/weight", "size (MB)",
+                                                                       "quant time (s)", "peak RSS (MiB)",
+                                                                       "decode tok/s", "prefill tok/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     for r in rows:
         if "error" in r:
             what = "not supported" if r.get("unsupported") else "failed"
             err = r["error"].removeprefix("Unsupported: ").replace("|", "/")
-            lines.append(f"| {r['label']}{marks(r, cpu)} | {what}: {err} | | | | | | | | |")
+            lines.append(f"| {r['label']}{marks(r, cpu)} | {what}: {err} |" + " |" * (len(cols) - 2))
             continue
         fmt = ", ".join(r.get("formats", [])) or "float"
         if r.get("accuracy_level"):
@@ -610,9 +642,10 @@ def table(rows: list[dict]) -> list[str]:
         if r.get("latency_error"):
             lat = [f"failed: {r['latency_error'].replace('|', '/')}", ""]
         d = "" if r is rows[0] else f"{r['ppl'] - fp:+.2f}"
-        lines.append(f"| {r['label']}{marks(r, cpu)} | {fmt} | {_num(r['ppl'])} | {d} | {_num(r.get('bpw'), '{:.3f}')} "
-                     f"| {_num(r.get('size_mb'), '{:.1f}')} | {_num(r.get('seconds'), '{:.1f}')} "
-                     f"| {_num(r.get('peak_rss_mb'), '{:.0f}')} | {lat[0]} | {lat[1]} |")
+        cells = [f"{r['label']}{marks(r, cpu)}", fmt, _num(r["ppl"])] + [_num(r.get("ppl_cpu_ep"))] * cross + [
+            d, _num(r.get("bpw"), "{:.3f}"), _num(r.get("size_mb"), "{:.1f}"), _num(r.get("seconds"), "{:.1f}"),
+            _num(r.get("peak_rss_mb"), "{:.0f}"), *lat]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

@@ -32,49 +32,80 @@ def problem(d_out: int, heads: int, d_in: int = 576, d_h: int = 64, seed: int = 
     return W, 2 * X.T @ X / X.shape[0], K.transpose(1, 2) @ K / K.shape[1]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of fn() and its last result."""
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median wall time of fn() (CUDA work waited for) and its last result; one untimed warm-up run on a GPU."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        fn()
+        sync()
     times, res = [], None
     for _ in range(repeats):
         t = time.perf_counter()
         res = fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times), res
+
+
+def cases(W, H, Ho, spec: QuantSpec, heads: int) -> dict:
+    """The solvers compared, as thunks."""
+    return {
+        "gptq": lambda: solve_gptq(W, H, spec, grid="hessian"),
+        "boa (N=1)": lambda: solve_boa(W, H, Ho, spec, n_heads=heads),
+        "turboboa N=16, F1 only": lambda: solve_turboboa(W, H, Ho, spec, n_heads=heads, rows_per_block=16, refine=False),
+        "turboboa N=16, F1+F3": lambda: solve_turboboa(W, H, Ho, spec, n_heads=heads, rows_per_block=16, refine=True),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--devices", nargs="+", default=["cpu"], help="torch devices, side by side (e.g. cpu cuda)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     rows = []
     for name, d_out, heads in (("q_proj", 576, 9), ("k_proj", 192, 3)):
-        W, H, Ho = problem(d_out, heads)
+        problem_cpu = problem(d_out, heads)
         for spec in (QuantSpec(2, -1, False), QuantSpec(4, 128, False)):
-            cases = {
-                "gptq": lambda: solve_gptq(W, H, spec, grid="hessian"),
-                "boa (N=1)": lambda: solve_boa(W, H, Ho, spec, n_heads=heads),
-                "turboboa N=16, F1 only": lambda: solve_turboboa(W, H, Ho, spec, n_heads=heads, rows_per_block=16, refine=False),
-                "turboboa N=16, F1+F3": lambda: solve_turboboa(W, H, Ho, spec, n_heads=heads, rows_per_block=16, refine=True),
-            }
-            for label, fn in cases.items():
-                sec, res = timed(fn, args.repeats)
-                loss = float(layer_loss(W, res.qweight, H, Ho if label != "gptq" else Ho, n_heads=heads))
-                rows.append({"layer": name, "setting": f"W{spec.bits} {'pc' if spec.group_size == -1 else 'g%d' % spec.group_size}",
-                             "solver": label, "seconds": round(sec, 3), "kron_loss": loss})
-                print(rows[-1], flush=True)
-    out = Path(args.out)
+            for dev in map(torch.device, args.devices):
+                W, H, Ho = (t.to(dev) for t in problem_cpu)
+                for label, fn in cases(W, H, Ho, spec, heads).items():
+                    sec, res = timed(fn, args.repeats, dev)
+                    loss = float(layer_loss(W, res.qweight, H, Ho, n_heads=heads))
+                    rows.append({"layer": name, "setting": f"W{spec.bits} {'pc' if spec.group_size == -1 else 'g%d' % spec.group_size}",
+                                 "device": dev.type, "solver": label, "seconds": round(sec, 3), "kron_loss": loss})
+                    print(rows[-1], flush=True)
+    write(Path(args.out), args, rows)
+
+
+def write(out: Path, args, rows: list[dict]) -> None:
+    """Markdown table with TurboBoA/BoA ratios per device (and GPU/CPU ratios), and the JSON."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"solver-speed-{dt.date.today().isoformat()}"
-    head = f"`python -m benchmarks.solver_speed --repeats {args.repeats}` on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread; medians of {args.repeats} runs."
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    suffix = "" if devices == ["cpu"] else "-" + "-".join(devices)
+    stem = out / f"solver-speed{suffix}-{dt.date.today().isoformat()}"
+    gpu = f", {torch.cuda.get_device_name(0)}" if "cuda" in devices else ""
+    cmd = f"python -m benchmarks.solver_speed --repeats {args.repeats}" + (
+        f" --devices {' '.join(args.devices)}" if suffix else "") + (f" --threads {args.threads}" if args.threads != 1 else "")
+    head = (f"`{cmd}` on {platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, "
+            f"{args.threads} CPU thread{'s' * (args.threads != 1)}; medians of {args.repeats} runs"
+            + ("; CUDA: after one warm-up run, timed to the end of the GPU work" if "cuda" in devices else "") + ".")
     lines = ["# Solver speed: BoA vs TurboBoA vs GPTQ (SmolLM2-shaped Q/K layers)", "", head, "",
-             "| layer | setting | solver | solve time (s) | Kronecker loss tr(H_out ΔW H_in ΔWᵀ) |", "|---|---|---|---:|---:|"]
-    lines += [f"| {r['layer']} | {r['setting']} | {r['solver']} | {r['seconds']:.3f} | {r['kron_loss']:.4g} |" for r in rows]
-    for layer in ("q_proj", "k_proj"):
-        for setting in ("W2 pc", "W4 g128"):
-            sel = {r["solver"]: r["seconds"] for r in rows if r["layer"] == layer and r["setting"] == setting}
-            lines.append(f"\n{layer} {setting}: TurboBoA(N=16, F1+F3) / BoA = {sel['turboboa N=16, F1+F3'] / sel['boa (N=1)']:.3f}")
+             "| layer | setting | device | solver | solve time (s) | Kronecker loss tr(H_out ΔW H_in ΔWᵀ) |",
+             "|---|---|---|---|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['setting']} | {r['device']} | {r['solver']} | {r['seconds']:.3f} | {r['kron_loss']:.4g} |"
+              for r in rows]
+    sec = {(r["layer"], r["setting"], r["device"], r["solver"]): r["seconds"] for r in rows}
+    lines.append("")
+    for layer, setting, dev in dict.fromkeys((r["layer"], r["setting"], r["device"]) for r in rows):
+        t = lambda solver: sec[(layer, setting, dev, solver)]  # noqa: E731
+        line = f"- {layer} {setting} on {dev}: TurboBoA(N=16, F1+F3) / BoA = {t('turboboa N=16, F1+F3') / t('boa (N=1)'):.3f}"
+        if dev != "cpu" and (layer, setting, "cpu", "gptq") in sec:
+            line += "; time on " + dev + " / cpu: " + ", ".join(
+                f"{s} {t(s) / sec[(layer, setting, 'cpu', s)]:.2f}" for s in ("gptq", "boa (N=1)", "turboboa N=16, F1+F3"))
+        lines.append(line)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"command": head, "rows": rows}, indent=2))
 

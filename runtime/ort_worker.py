@@ -33,6 +33,9 @@ def run(model: str, providers: list, inputs: dict[str, np.ndarray], *, timing: d
         options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
+    names_asked = [p if isinstance(p, str) else p[0] for p in providers]
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(names_asked) and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # the CUDA/cuDNN libraries pip installed, as onnxruntime-gpu asks
     t0 = time.perf_counter()
     session = ort.InferenceSession(model, options, providers=[p if isinstance(p, str) else tuple(p) for p in providers])
     create_ms = (time.perf_counter() - t0) * 1e3

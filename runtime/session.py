@@ -1,6 +1,7 @@
 """ONNX Runtime sessions: execution providers, session creation and model feeds."""
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -50,7 +51,17 @@ def providers_for(ep: str) -> list[str]:
     if providers[0] not in ort.get_available_providers():
         raise OnnxqError(f"execution provider '{ep}' ({providers[0]}) is not in this onnxruntime build "
                          f"(has {', '.join(ort.get_available_providers())}): install {package}")
+    if "CUDAExecutionProvider" in providers:
+        _preload_cuda_libraries()
     return providers
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that pip installed (e.g. beside torch) before the first CUDA session, as
+    onnxruntime-gpu asks; without them the session would fall back to the CPU."""
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
 
 
 def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, threads: int | None = None,

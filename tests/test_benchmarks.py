@@ -110,6 +110,43 @@ def test_cuda_fails_in_one_line(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_device_cuda_fails_in_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    assert R.main(["--suite", "smoke", "--device", "cuda", "--out", str(tmp_path), "--work", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device cuda: this torch sees no CUDA device") and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_solver_device_reaches_onnxq_jobs_only(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(json.loads(cmd[3]))
+        raise SystemExit  # stop before any work: only the job's config matters here
+
+    monkeypatch.setattr(R.subprocess, "run", fake_run)
+    for cfg in (R.SUITES["cuda"][0], R.SUITES["cuda"][1]):  # an ORT row, then an onnxq row
+        with pytest.raises(SystemExit):
+            R.run_job(cfg, tmp_path / "m.onnx", tmp_path / "o.onnx", calib_npy=tmp_path / "c.npy", ep="cuda", device="cuda")
+    assert [c["tool"] for c in seen] == ["ort", "onnxq"]
+    assert "device" not in seen[0] and seen[1]["device"] == "cuda" and seen[1]["ep"] == "cuda"
+
+
+def test_table_shows_cpu_ep_ppl_when_run_off_cpu():
+    rows = [{"label": "float (fp32 export)", "ppl": 22.0, "ppl_cpu_ep": 22.001},
+            {"label": "onnxq:rtn W4 g128 asym", "ppl": 25.0, "ppl_cpu_ep": 25.002, "bpw": 4.25, "formats": ["MatMulNBits"]},
+            {"label": "ort:hqq W3 g128 asym", "error": "boom"}]
+    lines = R.table(rows)
+    assert lines[0].split(" | ")[2:4] == ["PPL", "PPL (CPU EP)"]
+    assert all(l.count("|") == lines[0].count("|") for l in lines)
+    assert "| 25.00 | 25.00 | +3.00 | 4.250 |" in lines[3]
+    assert "PPL (CPU EP)" not in R.table([{k: v for k, v in r.items() if k != "ppl_cpu_ep"} for r in rows])[0]
+
+
 def test_latency_needs_past(smoke):
     from onnxq.errors import OnnxqError
 
