@@ -20,8 +20,8 @@ from .io import read_array
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
-from .solve import BlockStats, solve_layer
-from .solvers import value_row_hessian
+from .solve import BlockStats, solve_block, solve_layer
+from .solvers import QuantResult, value_row_hessian
 from .stats import Covariance
 
 
@@ -222,23 +222,30 @@ def _blockwise(
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
         fake, fake_bias = {}, {}
-        for l in todo:
-            bar.set_postfix_str(l.role)
-            if recipe.true_sequential and fake and l.input not in recollected:
-                tc = time.perf_counter()
-                stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake,
-                                              biases=fake_bias).cov[l.input]
-                recollected.add(l.input)
-                spent = time.perf_counter() - tc
-                ts += spent  # re-collection is calibration, not solve time
-                solved.calib_s += spent
-            W = read(l)
-            res, loss = solve_layer(l, W.to(recipe.device), stats, recipe)
+
+        def keep(l: LinearLayer, res: QuantResult, loss: float) -> None:
             solved.results[l.node] = _compact(res)
             solved.losses[l.node] = loss
             fake[l.weight] = res.qweight.T.cpu().numpy()
             if res.bias is not None:
                 fake_bias[l.node] = res.bias.cpu().numpy()
+
+        if recipe.true_sequential:  # each layer group sees the block's earlier layers quantized: one after another
+            for l in todo:
+                bar.set_postfix_str(l.role)
+                if fake and l.input not in recollected:
+                    tc = time.perf_counter()
+                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake,
+                                                  biases=fake_bias).cov[l.input]
+                    recollected.add(l.input)
+                    spent = time.perf_counter() - tc
+                    ts += spent  # re-collection is calibration, not solve time
+                    solved.calib_s += spent
+                keep(l, *solve_layer(l, read(l).to(recipe.device), stats, recipe))
+        else:
+            bar.set_postfix_str(f"solving {len(todo)} layers")
+            for l, (res, loss) in zip(todo, solve_block(todo, [read(l).to(recipe.device) for l in todo], stats, recipe)):
+                keep(l, res, loss)
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake, biases=fake_bias):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -29,8 +30,9 @@ class BlockStats:
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:
-    """The column loop is launch-bound: on CPU one intra-op thread beats several (measured 3-15x on 2 cores)."""
-    if device.type != "cpu":
+    """The column loop is launch-bound: on CPU one intra-op thread beats several (measured 3-15x on 2 cores).
+    A no-op where torch already runs one thread (e.g. inside `solve_block`'s workers, which share the setting)."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()
@@ -39,6 +41,28 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: BlockStats | None,
+                recipe: QuantRecipe) -> list[tuple[QuantResult, float]]:
+    """`solve_layer` for layers that are independent given `stats` (a block's layers without true-sequential), in
+    order. On CPU they run on parallel threads of one torch thread each, largest first: the launch-bound column
+    loops leave the other cores idle, so layers side by side use them. Same results as one after another."""
+    workers = min(len(layers), torch.get_num_threads()) if weights and weights[0].device.type == "cpu" else 1
+    if workers <= 1:
+        return [solve_layer(l, W, stats, recipe) for l, W in zip(layers, weights)]
+    order = sorted(range(len(layers)), key=lambda i: -weights[i].numel())
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxq-solve")
+    with _one_thread(weights[0].device):
+        try:
+            futures = {i: pool.submit(solve_layer, layers[i], weights[i], stats, recipe) for i in order}
+            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+            failed = next((f.exception() for f in done if f.exception() is not None), None)
+            if failed is not None:
+                raise failed
+            return [futures[i].result() for i in range(len(layers))]
+        finally:  # an error or Ctrl-C: drop the layers not started yet instead of solving them first
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:

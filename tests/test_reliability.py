@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 import onnxq.pipeline
+import onnxq.solve
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.cli import app
 from onnxq.pipeline import quantize
@@ -239,12 +240,13 @@ def test_interrupted_run_writes_nothing(tmp_path, good, text, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(onnxq.pipeline, "solve_layer", solve_then_interrupt)
+    monkeypatch.setattr(onnxq.solve, "solve_layer", solve_then_interrupt)  # solve_block's parallel layers
     out = tmp_path / "q.onnx"
     res = runner.invoke(app, ["quantize", str(good), "-o", str(out), "--calib", str(text), *CALIB])
     assert res.exit_code == 130, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("interrupted")]
     assert lines == ["interrupted: no output file was written"], res.output
-    assert "Traceback" not in res.output and len(calls) == 9
+    assert "Traceback" not in res.output and len(calls) >= 9  # layers solved side by side may finish first
     assert not out.exists() and not leftovers(tmp_path)
 
 

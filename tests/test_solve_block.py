@@ -1,0 +1,70 @@
+"""solve_block: a block's layers solved side by side give the results of solving them one after another."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import onnxq.solve
+from onnxq import OnnxqError, QuantRecipe
+from onnxq.analysis import LinearLayer
+from onnxq.solve import BlockStats, solve_block, solve_layer
+from onnxq.stats import Covariance
+
+
+def _block(seed=0):
+    """Five layers over two inputs of a block, random weights and residual statistics (a float stream)."""
+    rng = np.random.default_rng(seed)
+    dims = {"x": 48, "h": 96}
+    stats = BlockStats(cov={n: Covariance(d, residual=True) for n, d in dims.items()})
+    for n, d in dims.items():
+        mix = rng.standard_normal((d, d)) / d**0.5 + np.eye(d)
+        x = (rng.standard_normal((256, d)) @ mix).astype(np.float32)
+        stats.cov[n].add(x, x + 0.05 * rng.standard_normal(x.shape).astype(np.float32))
+    shapes = [("x", 48, 64), ("x", 48, 16), ("x", 48, 16), ("x", 48, 96), ("h", 96, 48)]
+    layers = [LinearLayer(f"n{i}", f"w{i}", inp, k, n, 0, "linear") for i, (inp, k, n) in enumerate(shapes)]
+    weights = [torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32) * 0.1) for _, k, n in shapes]
+    return layers, weights, stats
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("algo", ["gptq", "turboboa"])
+def test_side_by_side_equals_one_after_another(two_threads, algo):
+    layers, weights, stats = _block()
+    recipe = QuantRecipe(algo=algo, bits=3, group_size=16).validate()
+    torch.set_num_threads(1)
+    one = [solve_layer(l, W, stats, recipe) for l, W in zip(layers, weights)]
+    torch.set_num_threads(2)
+    both = solve_block(layers, weights, stats, recipe)
+    assert torch.get_num_threads() == 2  # the one-thread setting of the workers is undone
+    assert len(both) == len(one)
+    for (r1, l1), (r2, l2) in zip(one, both):
+        assert torch.equal(r1.qweight, r2.qweight) and torch.equal(r1.codes, r2.codes) and l1 == l2
+
+
+def test_a_failing_layer_stops_the_block(two_threads, monkeypatch):
+    layers, weights, stats = _block()
+    calls = []
+    real = onnxq.solve.solve_layer
+
+    def fail_on_first(layer, *args):
+        calls.append(layer.node)
+        if layer.node == "n3":  # the largest layer: submitted first
+            raise OnnxqError("layer n3: boom")
+        time.sleep(0.2)  # the others take a while, as real layers do
+        return real(layer, *args)
+
+    monkeypatch.setattr(onnxq.solve, "solve_layer", fail_on_first)
+    with pytest.raises(OnnxqError, match="layer n3: boom"):
+        solve_block(layers, weights, stats, QuantRecipe(algo="gptq", bits=4, group_size=16).validate())
+    assert calls[0] == "n3" and len(calls) < len(layers)  # the layers not started were dropped
+    assert torch.get_num_threads() == 2
