@@ -13,7 +13,8 @@ one short sequence, so a latency is only quoted for the very weights whose perpl
 Method (`measure`): one ORT session on the file; `warmup` untimed repeats, then `repeats` timed ones.
 * prefill: one forward of `prefill` tokens from an empty cache (all logits computed, as the export does);
 * decode: after an untimed prefill of `context` tokens, `decode` steps of one token each, feeding back the present
-  key/values; a repeat's rate is decode / (sum of step times).
+  key/values; a repeat's rate is decode / (sum of step times). On CUDA the cache stays on the GPU between steps
+  (IOBinding) and only the logits come back; on the CPU EP it goes through numpy arrays.
 Reported: medians over repeats with min and max. Token ids come from the caller (real text) or are i mod vocab;
 the cost of a step does not depend on which token it is.
 """
@@ -31,6 +32,7 @@ import onnx
 
 from onnxq.errors import OnnxqError
 
+DEVICE_CACHE = {"cuda": "cuda", "tensorrt": "cuda"}  # EPs whose decode keeps the KV cache on the device
 QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"}
 PREFIX = "q::"  # transplanted initializers and intermediate tensors, so they never collide with the host's names
 
@@ -220,26 +222,14 @@ def measure(model: str | Path, *, ep: str = "cpu", prefill: int = 512, context: 
         session.run(None, feeds)
         return time.perf_counter() - t
 
+    cache_on = DEVICE_CACHE.get(ep)
+
     def run_decode() -> float:
-        feeds = model_feeds(session, tokens[None, :context])
-        outs = dict(zip(outputs, session.run(None, feeds)))
-        total = 0.0
-        for step in range(decode):
-            pos = context + step
-            feeds = {"input_ids": tokens[None, pos:pos + 1]}
-            if "attention_mask" in names:
-                feeds["attention_mask"] = np.ones((1, pos + 1), dtype=np.int64)
-            if "position_ids" in names:
-                feeds["position_ids"] = np.array([[pos]], dtype=np.int64)
-            feeds.update({p: outs[present[p]] for p in past_names})
-            t = time.perf_counter()
-            res = session.run(None, feeds)
-            total += time.perf_counter() - t
-            outs = dict(zip(outputs, res))
-        return total
+        return decode_steps(session, tokens, context, decode, device=cache_on)[0]
 
     result = {"ep": ep, "threads": threads or "ORT default", "session_create_s": round(create_s, 3),
-              "warmup": warmup, "repeats": repeats}
+              "warmup": warmup, "repeats": repeats,
+              "kv_cache": f"on {cache_on} between steps (IOBinding)" if cache_on else "through host numpy arrays"}
     if prefill:
         for _ in range(warmup):
             run_prefill()
@@ -254,6 +244,58 @@ def measure(model: str | Path, *, ep: str = "cpu", prefill: int = 512, context: 
         result.update(decode_context=context, decode_tokens=decode, decode_tok_s=_round(s),
                       decode_ms_per_token=round(1e3 / s["median"], 3))
     return result
+
+
+def decode_steps(session, tokens: np.ndarray, context: int, steps: int, *, device: str | None = None
+                 ) -> tuple[float, np.ndarray]:
+    """After an untimed prefill of `context` tokens, `steps` one-token steps feeding back the present key/values;
+    returns the summed step time and the last logits. With `device` (an ORT device: "cuda", "cpu") the cache stays
+    there between steps through IOBinding and only the logits come to the host; without, it goes through numpy."""
+    from onnxq.runtime.session import model_feeds
+
+    names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    present = {n: n.replace("past_key_values", "present") for n in names if n.startswith("past_key_values")}
+
+    def step_feeds(pos: int) -> dict[str, np.ndarray]:
+        feeds = {"input_ids": tokens[None, pos:pos + 1]}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones((1, pos + 1), dtype=np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.array([[pos]], dtype=np.int64)
+        return feeds
+
+    first = model_feeds(session, tokens[None, :context])
+    if device is None:
+        outs = dict(zip(outputs, session.run(None, first)))
+        total = 0.0
+        for pos in range(context, context + steps):
+            feeds = {**step_feeds(pos), **{p: outs[q] for p, q in present.items()}}
+            t = time.perf_counter()
+            outs = dict(zip(outputs, session.run(None, feeds)))
+            total += time.perf_counter() - t
+        return total, outs[outputs[0]]
+
+    def bound_run(feeds: dict[str, np.ndarray], cache: dict | None) -> tuple[float, dict]:
+        io = session.io_binding()
+        for k, v in feeds.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        for p, q in present.items():
+            if cache is not None:
+                io.bind_ortvalue_input(p, cache[q])
+        for o in outputs:
+            io.bind_output(o, "cpu" if o == outputs[0] else device)
+        t = time.perf_counter()
+        session.run_with_iobinding(io)
+        spent = time.perf_counter() - t
+        return spent, dict(zip(outputs, io.get_outputs()))
+
+    _, cache = bound_run(first, None)
+    total = 0.0
+    for pos in range(context, context + steps):
+        spent, cache = bound_run(step_feeds(pos), cache)
+        total += spent
+    return total, cache[outputs[0]].numpy()
 
 
 def _round(s: dict) -> dict:

@@ -88,11 +88,12 @@ def test_smoke_variants_and_outputs(smoke):
     assert "128 tokens" in head["eval"] and "256 tokens" in head["calibration"]
     png = json_path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    md = json_path.with_suffix(".md").read_text()
+    unmarked = lambda t: t.replace(" †", "").replace(" ‡", "")  # noqa: E731  (rows of a busy machine are marked)
+    md = unmarked(json_path.with_suffix(".md").read_text())
     assert "| ort:default W3 g32 asym | failed: AssertionError: Only support 2, 4 or 8 bits quantization |" in md
     assert "| ort:gptq W2 g32 asym | not supported: ORT GPTQ packs" in md
     text = readme.read_text()
-    section = text[text.index(R.README_START):text.index(R.README_END)]
+    section = unmarked(text[text.index(R.README_START):text.index(R.README_END)])
     assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 |" in section and png.name in section
     assert text.count(R.README_START) == 1 and _outside(text) == _outside((tmp / "README.orig.md").read_text())
     # the with-past copies are removed unless --keep
@@ -315,3 +316,19 @@ def test_a_resume_with_skip_keeps_the_skipped_rows_of_the_file(smoke, tmp_path):
     out = json.loads(cut.read_text())
     assert [r["label"] for r in out["rows"]] == [r["label"] for r in data["rows"]]  # row 2 run, row 3 kept
     assert out["header"]["rows_planned"] == data["header"]["rows_planned"]
+
+
+def test_decode_with_the_cache_bound_to_a_device_matches_numpy(tmp_path):
+    """The IOBinding decode (the KV cache stays on the EP's device; used on CUDA) gives the numpy path's logits;
+    checked here with the cache bound to the CPU."""
+    from onnxq.runtime.session import make_session
+
+    _, past = R.tiny_models(tmp_path)
+    session = make_session(past, "cpu")
+    tokens = np.arange(24, dtype=np.int64) * 7 % 256
+    t_host, host = L.decode_steps(session, tokens, 12, 6)
+    t_bound, bound = L.decode_steps(session, tokens, 12, 6, device="cpu")
+    assert host.shape == bound.shape == (1, 1, 256) and t_host > 0 and t_bound > 0
+    np.testing.assert_allclose(bound, host, rtol=1e-5, atol=1e-5)
+    _, shorter = L.decode_steps(session, tokens, 12, 5, device="cpu")
+    assert not np.allclose(shorter, bound)  # the cache really advanced: another position, other logits
