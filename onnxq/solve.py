@@ -1,8 +1,14 @@
 """Choose and run the solver for one linear layer from the recipe and the captured statistics."""
 from __future__ import annotations
 
+import atexit
 import contextlib
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+import os
+import pickle
+import subprocess
+import sys
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -46,23 +52,85 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: BlockStats | None,
                 recipe: QuantRecipe) -> list[tuple[QuantResult, float]]:
     """`solve_layer` for layers that are independent given `stats` (a block's layers without true-sequential), in
-    order. On CPU they run on parallel threads of one torch thread each, largest first: the launch-bound column
-    loops leave the other cores idle, so layers side by side use them. Same results as one after another."""
-    workers = min(len(layers), torch.get_num_threads()) if weights and weights[0].device.type == "cpu" else 1
-    if workers <= 1:
+    order. On CPU with n intra-op threads, n lanes take the layers largest first: this process and n-1 helper
+    processes (`onnxq.solve_worker`), one torch thread each; the launch-bound column loops hold the GIL, so
+    threads alone overlapped little (1.27x on 2 cores). Same results as one after another."""
+    lanes = min(len(layers), torch.get_num_threads()) if weights and weights[0].device.type == "cpu" else 1
+    if lanes <= 1:
         return [solve_layer(l, W, stats, recipe) for l, W in zip(layers, weights)]
-    order = sorted(range(len(layers)), key=lambda i: -weights[i].numel())
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="onnxq-solve")
-    with _one_thread(weights[0].device):
+    helpers = _helpers(lanes - 1)
+    todo = deque(sorted(range(len(layers)), key=lambda i: -weights[i].numel()))
+    results: dict[int, tuple[QuantResult, float]] = {}
+
+    def lane(helper: _Helper | None) -> None:
         try:
-            futures = {i: pool.submit(solve_layer, layers[i], weights[i], stats, recipe) for i in order}
-            done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
-            failed = next((f.exception() for f in done if f.exception() is not None), None)
-            if failed is not None:
-                raise failed
-            return [futures[i].result() for i in range(len(layers))]
-        finally:  # an error or Ctrl-C: drop the layers not started yet instead of solving them first
-            pool.shutdown(wait=True, cancel_futures=True)
+            while todo:
+                try:
+                    i = todo.popleft()
+                except IndexError:
+                    return
+                args = (layers[i], weights[i], stats, recipe)
+                if helper is not None:
+                    try:
+                        results[i] = helper.solve(*args)
+                        continue
+                    except (OSError, EOFError, pickle.PickleError, AttributeError, TypeError):
+                        helper.proc.kill()  # it died or cannot take these arguments: replaced next block,
+                        helper = None  # and this lane solves here
+                results[i] = solve_layer(*args)
+        except BaseException:
+            todo.clear()  # the other lanes stop after their current layer
+            raise
+
+    with _one_thread(weights[0].device), ThreadPoolExecutor(lanes, thread_name_prefix="onnxq-solve") as pool:
+        futures = [pool.submit(lane, None)] + [pool.submit(lane, h) for h in helpers]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            todo.clear()
+    return [results[i] for i in range(len(layers))]
+
+
+class _Helper:
+    """One solver process (`python -m onnxq.solve_worker`) that solves layers sent to it, one at a time."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same onnxq as here
+        self.proc = subprocess.Popen([sys.executable, "-m", "onnxq.solve_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+
+    def solve(self, *args) -> tuple[QuantResult, float]:
+        """solve_layer(*args) in the helper; OSError/EOFError if it has died."""
+        pickle.dump(args, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.proc.stdin.flush()
+        ok, value = pickle.load(self.proc.stdout)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        self.proc.wait()
+
+
+_HELPERS: list[_Helper] = []
+
+
+def _helpers(n: int) -> list[_Helper]:
+    """n live helper processes, started on first use and kept for the next blocks (closed at exit)."""
+    _HELPERS[:] = [h for h in _HELPERS if h.proc.poll() is None]
+    while len(_HELPERS) < n:
+        if not _HELPERS:
+            atexit.register(_close_helpers)
+        _HELPERS.append(_Helper())
+    return _HELPERS[:n]
+
+
+def _close_helpers() -> None:
+    while _HELPERS:
+        _HELPERS.pop().close()
 
 
 def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import onnxq.pipeline
 import onnxq.solve
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.analysis import LinearLayer
@@ -27,6 +28,13 @@ def _block(seed=0):
     layers = [LinearLayer(f"n{i}", f"w{i}", inp, k, n, 0, "linear") for i, (inp, k, n) in enumerate(shapes)]
     weights = [torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32) * 0.1) for _, k, n in shapes]
     return layers, weights, stats
+
+
+class _InThread:
+    """A helper lane without a process, so a monkeypatched solve_layer reaches it."""
+
+    def solve(self, *args):
+        return onnxq.solve.solve_layer(*args)
 
 
 @pytest.fixture
@@ -64,7 +72,23 @@ def test_a_failing_layer_stops_the_block(two_threads, monkeypatch):
         return real(layer, *args)
 
     monkeypatch.setattr(onnxq.solve, "solve_layer", fail_on_first)
+    monkeypatch.setattr(onnxq.solve, "_helpers", lambda n: [_InThread() for _ in range(n)])
     with pytest.raises(OnnxqError, match="layer n3: boom"):
         solve_block(layers, weights, stats, QuantRecipe(algo="gptq", bits=4, group_size=16).validate())
     assert calls[0] == "n3" and len(calls) < len(layers)  # the layers not started were dropped
     assert torch.get_num_threads() == 2
+
+
+def test_pipeline_with_lanes_writes_the_same_model(tmp_path, two_threads, monkeypatch):
+    """End to end on a tiny Llama with 2 threads: helper processes in the loop give the file of one after another."""
+    from onnxq.pipeline import quantize
+    from tests.tiny import tiny_llama_onnx
+
+    model = tiny_llama_onnx(tmp_path)
+    windows = np.random.default_rng(0).integers(0, 256, (8, 32))
+    recipe = QuantRecipe(algo="turboboa", bits=3, group_size=32)
+    quantize(model, recipe, tmp_path / "lanes.onnx", windows=windows, progress=False)
+    monkeypatch.setattr(onnxq.pipeline, "solve_block",
+                        lambda layers, weights, stats, r: [solve_layer(l, W, stats, r) for l, W in zip(layers, weights)])
+    quantize(model, recipe, tmp_path / "one.onnx", windows=windows, progress=False)
+    assert (tmp_path / "lanes.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
