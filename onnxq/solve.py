@@ -8,8 +8,8 @@ import pickle
 import subprocess
 import sys
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -119,15 +119,18 @@ _HELPERS: list[_Helper] = []
 
 
 def _helpers(n: int) -> list[_Helper]:
-    """n live helper processes, started on first use and kept for the next blocks (closed at exit)."""
+    """Up to n live helper processes, started on first use and kept for the next blocks (closed at exit); fewer
+    where a process cannot be started (the lanes then run here)."""
     _HELPERS[:] = [h for h in _HELPERS if h.proc.poll() is None]
     while len(_HELPERS) < n:
-        if not _HELPERS:
-            atexit.register(_close_helpers)
-        _HELPERS.append(_Helper())
+        try:
+            _HELPERS.append(_Helper())
+        except OSError:
+            break
     return _HELPERS[:n]
 
 
+@atexit.register
 def _close_helpers() -> None:
     while _HELPERS:
         _HELPERS.pop().close()
