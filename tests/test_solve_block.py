@@ -92,3 +92,17 @@ def test_pipeline_with_lanes_writes_the_same_model(tmp_path, two_threads, monkey
                         lambda layers, weights, stats, r: [solve_layer(l, W, stats, r) for l, W in zip(layers, weights)])
     quantize(model, recipe, tmp_path / "one.onnx", windows=windows, progress=False)
     assert (tmp_path / "lanes.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()
+
+
+def test_helpers_that_cannot_start_leave_the_work_here(two_threads, monkeypatch):
+    def no_process(self):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(onnxq.solve, "_HELPERS", [])
+    monkeypatch.setattr(onnxq.solve._Helper, "__init__", no_process)
+    layers, weights, stats = _block()
+    recipe = QuantRecipe(algo="gptq", bits=4, group_size=16).validate()
+    got = solve_block(layers, weights, stats, recipe)
+    torch.set_num_threads(1)
+    want = [solve_layer(l, W, stats, recipe) for l, W in zip(layers, weights)]
+    assert all(torch.equal(a.qweight, b.qweight) for (a, _), (b, _) in zip(got, want))
