@@ -280,9 +280,8 @@ def decode_steps(session, tokens: np.ndarray, context: int, steps: int, *, devic
         io = session.io_binding()
         for k, v in feeds.items():
             io.bind_cpu_input(k, np.ascontiguousarray(v))
-        for p, q in present.items():
-            if cache is not None:
-                io.bind_ortvalue_input(p, cache[q])
+        for p, q in (present.items() if cache is not None else ()):
+            io.bind_ortvalue_input(p, cache[q])
         for o in outputs:
             io.bind_output(o, "cpu" if o == outputs[0] else device)
         t = time.perf_counter()

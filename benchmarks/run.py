@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.errors import OnnxqError
     from onnxq.runtime.session import providers_for
 
-    args.device = args.device or ("cuda" if args.ep == "cuda" else "cpu")
+    args.device = args.device or default_device(args.ep)
     try:
         providers_for(args.ep)  # fail here, in one line, before any work
         if args.device == "cuda":
@@ -429,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def default_device(ep: str) -> str:
+    """onnxq's solvers follow the EP: torch cuda with the CUDA EP, else cpu."""
+    return "cuda" if ep == "cuda" else "cpu"
 
 
 def _run(args) -> int:
@@ -530,7 +535,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
     argv = ["--suite", args.suite] + sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in (
         ("model", args.model if args.model != "smollm2" else None), ("only", args.only or None),
         ("skip", args.skip or None), ("ep", args.ep if args.ep != "cpu" else None),
-        ("device", args.device if args.device != ("cuda" if args.ep == "cuda" else "cpu") else None), ("threads", args.threads),
+        ("device", args.device if args.device != default_device(args.ep) else None), ("threads", args.threads),
         ("repeats", args.repeats)) if v is not None), [])
     if args.latency is not None:
         argv.append("--latency" if args.latency else "--no-latency")

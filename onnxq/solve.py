@@ -72,11 +72,15 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
                 args = (layers[i], weights[i], stats, recipe)
                 if helper is not None:
                     try:
-                        results[i] = helper.solve(*args)
-                        continue
+                        ok, value = helper.solve(*args)
                     except (OSError, EOFError, pickle.PickleError, AttributeError, TypeError):
                         helper.proc.kill()  # it died or cannot take these arguments: replaced next block,
                         helper = None  # and this lane solves here
+                    else:
+                        if not ok:
+                            raise value  # the solver's own error, as if it had run here
+                        results[i] = value
+                        continue
                 results[i] = solve_layer(*args)
         except BaseException:
             todo.clear()  # the other lanes stop after their current layer
@@ -100,14 +104,12 @@ class _Helper:
         self.proc = subprocess.Popen([sys.executable, "-m", "onnxq.solve_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
 
-    def solve(self, *args) -> tuple[QuantResult, float]:
-        """solve_layer(*args) in the helper; OSError/EOFError if it has died."""
+    def solve(self, *args) -> tuple[bool, object]:
+        """solve_layer(*args) in the helper: (True, its result) or (False, the exception it raised). Transport
+        failures raise here: OSError/EOFError if the helper died, pickling errors for arguments it cannot take."""
         pickle.dump(args, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
         self.proc.stdin.flush()
-        ok, value = pickle.load(self.proc.stdout)
-        if not ok:
-            raise value
-        return value
+        return pickle.load(self.proc.stdout)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

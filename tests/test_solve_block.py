@@ -34,7 +34,10 @@ class _InThread:
     """A helper lane without a process, so a monkeypatched solve_layer reaches it."""
 
     def solve(self, *args):
-        return onnxq.solve.solve_layer(*args)
+        try:
+            return True, onnxq.solve.solve_layer(*args)
+        except Exception as err:
+            return False, err
 
 
 @pytest.fixture
@@ -106,3 +109,13 @@ def test_helpers_that_cannot_start_leave_the_work_here(two_threads, monkeypatch)
     torch.set_num_threads(1)
     want = [solve_layer(l, W, stats, recipe) for l, W in zip(layers, weights)]
     assert all(torch.equal(a.qweight, b.qweight) for (a, _), (b, _) in zip(got, want))
+
+
+def test_a_solver_error_in_a_helper_is_raised_and_keeps_the_helper(two_threads):
+    layers, weights, stats = _block()
+    bad = QuantRecipe(algo="gptq", bits=4, group_size=16)  # not validated: no grid, the solver refuses
+    with pytest.raises(OnnxqError, match="unknown grid search"):
+        solve_block(layers, weights, stats, bad)
+    helper = onnxq.solve._helpers(1)[0]
+    ok, err = helper.solve(layers[0], weights[0], stats, bad)
+    assert not ok and isinstance(err, OnnxqError) and helper.proc.poll() is None
