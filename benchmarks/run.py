@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.job import first_line
+
 W = dict(sym=False, format="nbits")
 # bits, group size (-1 = per channel): the settings of issue 8
 SETTINGS = [(8, 128), (4, 32), (4, 64), (4, 128), (3, 128), (2, 64), (2, -1)]
@@ -320,7 +322,6 @@ def score(row: dict, path: Path, windows: np.ndarray, ep: str) -> None:
 def latency_of(row: dict, quant: Path | None, past: Path, lat: dict, ep: str, threads, tokens, keep: bool) -> None:
     """Latency of `quant` moved into the with-past export (or of `past` itself for the float row), into `row`."""
     from benchmarks import latency as L
-    from benchmarks.job import first_line
 
     target = past if quant is None else quant.with_name(quant.stem + "-past.onnx")
     try:
@@ -344,7 +345,6 @@ def variants(row: dict, quant: Path, past: Path, windows: np.ndarray, lat: dict,
     """The same quantized weights run differently: MatMulNBits accuracy_level 0 vs 4; QDQ with ORT's
     DQ→MatMulNBits fusion (default) vs without it."""
     from benchmarks import latency as L
-    from benchmarks.job import first_line
     from onnxq.runtime.evaluate import perplexity
 
     out = []
@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"processes took more than {BUSY_SHARE * 100:.0f}%% of the CPUs, and those measured on another CPU")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
     ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
+    ap.add_argument("--render", metavar="JSON", help="run nothing: rewrite the .md (and .png, README with "
+                    "--update-readme) of an existing results file")
     ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -410,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.runtime.session import providers_for
 
     args.device = args.device or default_device(args.ep)
+    if args.render:
+        return render(Path(args.render), plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
     try:
         providers_for(args.ep)  # fail here, in one line, before any work
         if args.device == "cuda":
@@ -501,8 +505,6 @@ def _run(args) -> int:
             try:
                 score(row, out, windows, args.ep)
             except Exception as err:  # e.g. a file ORT cannot load: the row says so, the suite goes on
-                from benchmarks.job import first_line
-
                 row["error"] = f"evaluation failed: {first_line(err)}"
             if lat and "error" not in row:
                 latency_of(row, out, past, lat, args.ep, args.threads, lat_tokens, args.keep)
@@ -520,6 +522,27 @@ def _run(args) -> int:
     if args.update_readme:
         update_readme(Path(args.readme), stem)
     print(f"wrote {stem}.md / .json" + (" / .png" if args.plot else ""))
+    return 0
+
+
+def render(path: Path, *, plot_it: bool, readme: Path | None) -> int:
+    """Rewrite a results file's Markdown (and plot, README section) from its JSON alone."""
+    try:
+        data = json.loads(path.read_text())
+        head, rows, extra = data["header"], data["rows"], data["variants"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: --render {path}: not a results JSON of benchmarks.run ({first_line(err)}); give a "
+              "<date>-<suite>.json", file=sys.stderr)
+        return 2
+    stem = path.with_suffix("")
+    write(stem, head, rows, extra)
+    if plot_it:
+        from benchmarks.plot import plot
+
+        plot(path, stem.with_suffix(".png"))
+    if readme:
+        update_readme(readme, stem)
+    print(f"wrote {stem}.md" + (" / .png" if plot_it else "") + (f" and {readme}" if readme else ""))
     return 0
 
 
@@ -654,6 +677,30 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+ORDER = (("turboboa", "<"), ("boa", "≤"), ("gptq", "<"), ("rtn", ""))  # issue 3: TurboBoA < BoA ≤ GPTQ < RTN
+
+
+def solver_order(rows: list[dict]) -> list[str]:
+    """Per setting where all four onnxq solvers ran (integer zero points, MatMulNBits): does TurboBoA < BoA ≤ GPTQ <
+    RTN hold in PPL, and where not, which pair breaks it."""
+    ppl = {(r["algo"], r["bits"], r["group_size"]): r["ppl"] for r in rows
+           if r.get("tool") == "onnxq" and r.get("ppl") is not None and not r.get("float_zero")
+           and not r.get("refine_scales") and r.get("format") == "nbits" and not r.get("sym")}
+    out = []
+    for bits, group in dict.fromkeys((b, g) for _, b, g in ppl):
+        got = [ppl.get((algo, bits, group)) for algo, _ in ORDER]
+        if None in got:
+            continue
+        chain = " ".join(f"{algo} {x:.3f} {op}" for (algo, op), x in zip(ORDER, got)).strip()
+        broken = [f"{a} {x:.3f} {'≥' if op == '<' else '>'} {b} {y:.3f}"
+                  for (a, op), (b, _), x, y in zip(ORDER, ORDER[1:], got, got[1:])
+                  if not (x < y if op == "<" else x <= y)]
+        setting = f"W{bits} {'pc' if group == -1 else f'g{group}'}"
+        out.append(f"- {setting}: {chain}: " + ("holds" if not broken else "does not hold (" + "; ".join(broken) + ")"))
+    return (["", "Solver order (onnxq, integer zero points; issue 3 asks TurboBoA < BoA ≤ GPTQ < RTN):", ""] + out
+            if out else [])
+
+
 def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
     """Markdown table and JSON with the header facts (machine, versions, tokens, command)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -666,6 +713,7 @@ def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
     lines += [f"- {k}: {v}" for k, v in head.items()] + [""] + table(rows)
     notes = footnotes(rows)
     lines += [""] + notes if notes else []
+    lines += solver_order(rows)
     if extra:
         lines += ["", "Same weights, run differently (PPL on the same windows; latency as above):", "",
                   "| setting | form | PPL | decode tok/s | prefill tok/s |", "|---|---|---:|---:|---:|"]

@@ -332,3 +332,39 @@ def test_decode_with_the_cache_bound_to_a_device_matches_numpy(tmp_path):
     np.testing.assert_allclose(bound, host, rtol=1e-5, atol=1e-5)
     _, shorter = L.decode_steps(session, tokens, 12, 5, device="cpu")
     assert not np.allclose(shorter, bound)  # the cache really advanced: another position, other logits
+
+
+def _solver_row(algo: str, bits: int, group: int, ppl: float, **kw) -> dict:
+    cfg = dict(tool="onnxq", algo=algo, bits=bits, group_size=group, sym=False, format="nbits", **kw)
+    return {"label": R.label(cfg), **cfg, "ppl": ppl}
+
+
+def test_solver_order_names_the_pair_that_breaks_it():
+    rows = [{"label": "float (fp32 export)", "tool": "float", "ppl": 20.0}]
+    rows += [_solver_row(a, 3, 128, p) for a, p in (("rtn", 90.0), ("gptq", 34.0), ("boa", 34.0), ("turboboa", 31.0))]
+    rows += [_solver_row(a, 2, 64, p) for a, p in (("rtn", 1e5), ("gptq", 108.0), ("boa", 115.0), ("turboboa", 71.0))]
+    rows += [_solver_row("rtn", 2, 64, 1.0, float_zero=True),  # float zero points and gso rows are not in the chain
+             _solver_row("gptq", 2, 64, 1.0, refine_scales=True),
+             _solver_row("rtn", 2, -1, 5.0)]  # only one solver at W2 pc: no line
+    lines = R.solver_order(rows)
+    w3, w2 = (next(l for l in lines if l.startswith(f"- {s}:")) for s in ("W3 g128", "W2 g64"))
+    assert w3.endswith(": holds")  # BoA = GPTQ is allowed (≤)
+    assert w2.endswith("does not hold (boa 115.000 > gptq 108.000)")
+    assert not any(l.startswith("- W2 pc") for l in lines)
+    assert R.solver_order(rows[:1]) == []
+
+
+def test_render_rewrites_outputs_from_the_json_alone(smoke, tmp_path, capsys):
+    tmp, data, json_path, _ = smoke
+    copy = tmp_path / json_path.name
+    shutil.copy(json_path, copy)
+    readme = tmp_path / "README.md"
+    shutil.copy(tmp / "README.orig.md", readme)
+    assert R.main(["--render", str(copy), "--update-readme", "--readme", str(readme)]) == 0
+    assert copy.with_suffix(".md").read_text() == json_path.with_suffix(".md").read_text()
+    assert copy.with_suffix(".png").stat().st_size > 0
+    assert data["rows"][1]["label"] in readme.read_text()
+    copy.write_text("{not json")
+    assert R.main(["--render", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a results JSON" in err[0]
