@@ -121,10 +121,15 @@ README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 QDQ_FUSION = "QDQSelectorActionTransformer"  # ORT's DQ -> MatMul => MatMulNBits rewrite (tests/test_targets.py)
 
 
+def group_name(group_size: int) -> str:
+    """'pc' for per-channel (-1), else 'g<size>'."""
+    return "pc" if group_size == -1 else f"g{group_size}"
+
+
 def label(cfg: dict) -> str:
     """Row label: tool/algorithm and setting (QDQ outputs end in ' qdq')."""
     algo = cfg.get("ort_method") or cfg.get("algo")
-    g = "pc" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
+    g = group_name(cfg["group_size"])
     extra = "+gso" if cfg.get("refine_scales") else ""
     qdq = " qdq" if "qdq" in (cfg.get("format"), cfg.get("quant_format")) else ""
     grid = "sym" if cfg["sym"] else "asym float-zp" if cfg.get("float_zero") else "asym"
@@ -515,13 +520,7 @@ def _run(args) -> int:
         _print(row)
         write(stem, head, in_order(rows, before, order), extra)
     write(stem, head, in_order(rows, before, order), extra)
-    if args.plot:
-        from benchmarks.plot import plot
-
-        plot(stem.with_suffix(".json"), stem.with_suffix(".png"))
-    if args.update_readme:
-        update_readme(Path(args.readme), stem)
-    print(f"wrote {stem}.md / .json" + (" / .png" if args.plot else ""))
+    publish(stem, plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
     return 0
 
 
@@ -535,15 +534,20 @@ def render(path: Path, *, plot_it: bool, readme: Path | None) -> int:
               "<date>-<suite>.json", file=sys.stderr)
         return 2
     stem = path.with_suffix("")
-    write(stem, head, rows, extra)
+    write_markdown(stem, head, rows, extra)
+    publish(stem, plot_it=plot_it, readme=readme)
+    return 0
+
+
+def publish(stem: Path, *, plot_it: bool, readme: Path | None) -> None:
+    """After the results files: the plot from the JSON, and the README section from the .md's table and the plot."""
     if plot_it:
         from benchmarks.plot import plot
 
-        plot(path, stem.with_suffix(".png"))
+        plot(stem.with_suffix(".json"), stem.with_suffix(".png"))
     if readme:
         update_readme(readme, stem)
     print(f"wrote {stem}.md" + (" / .png" if plot_it else "") + (f" and {readme}" if readme else ""))
-    return 0
 
 
 def in_order(rows: list[dict], before: dict[str, dict], order: list[str]) -> list[dict]:
@@ -695,16 +699,20 @@ def solver_order(rows: list[dict]) -> list[str]:
         broken = [f"{a} {x:.3f} {'≥' if op == '<' else '>'} {b} {y:.3f}"
                   for (a, op), (b, _), x, y in zip(ORDER, ORDER[1:], got, got[1:])
                   if not (x < y if op == "<" else x <= y)]
-        setting = f"W{bits} {'pc' if group == -1 else f'g{group}'}"
-        out.append(f"- {setting}: {chain}: " + ("holds" if not broken else "does not hold (" + "; ".join(broken) + ")"))
+        out.append(f"- W{bits} {group_name(group)}: {chain}: " + ("holds" if not broken else "does not hold (" + "; ".join(broken) + ")"))
     return (["", "Solver order (onnxq, integer zero points; issue 3 asks TurboBoA < BoA ≤ GPTQ < RTN):", ""] + out
             if out else [])
 
 
 def write(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
-    """Markdown table and JSON with the header facts (machine, versions, tokens, command)."""
+    """JSON with the header facts (machine, versions, tokens, command), and its Markdown."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"header": head, "rows": rows, "variants": extra}, indent=2))
+    write_markdown(stem, head, rows, extra)
+
+
+def write_markdown(stem: Path, head: dict, rows: list[dict], extra: list[dict]) -> None:
+    """The .md: header facts, the main table, its footnotes, the solver order and the variants."""
     suite = head["command"].split("--suite ")[1].split()[0]
     lines = [f"# Benchmark `{suite}` ({stem.name})", ""]
     if len(rows) < head.get("rows_planned", 0):

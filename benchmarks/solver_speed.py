@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.run import group_name
 from onnxq.solvers import QuantSpec, layer_loss, solve_boa, solve_gptq, solve_turboboa
 
 
@@ -74,7 +75,7 @@ def main() -> None:
                 for label, fn in cases(W, H, Ho, spec, heads).items():
                     sec, res = timed(fn, args.repeats, dev)
                     loss = float(layer_loss(W, res.qweight, H, Ho, n_heads=heads))
-                    rows.append({"layer": name, "setting": f"W{spec.bits} {'pc' if spec.group_size == -1 else 'g%d' % spec.group_size}",
+                    rows.append({"layer": name, "setting": f"W{spec.bits} {group_name(spec.group_size)}",
                                  "device": dev.type, "solver": label, "seconds": round(sec, 3), "kron_loss": loss})
                     print(rows[-1], flush=True)
     write(Path(args.out), args, rows)
