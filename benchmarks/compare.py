@@ -4,7 +4,7 @@
 
 Deterministic columns (perplexity, bits per weight, file size, a row's error) must agree: exit 1 where one does not.
 Quantization time and decode / prefill speed are reported as rerun/first ratios, with whether the two runs' latency
-ranges (min-max over the repeats) overlap. Only rows present in both files are compared.
+ranges (min-max over the repeats) overlap. Only rows (and variants: the same weights run in another form) present in both files are compared.
 """
 from __future__ import annotations
 
@@ -74,10 +74,15 @@ def compare_rows(first: dict, rerun: dict, ppl_tol: float = PPL_TOL) -> RowDiff:
     return d
 
 
+def _entries(data: dict) -> list[dict]:
+    """The rows, then each variant (same weights run differently) as a row labelled "<row> · <form>"."""
+    return data["rows"] + [{**v, "label": f"{v['label']} · {v['form']}"} for v in data.get("variants", [])]
+
+
 def compare(first: dict, rerun: dict, ppl_tol: float = PPL_TOL) -> list[RowDiff]:
-    """Rows of both results files with the same label, in the first file's order."""
-    later = {r["label"]: r for r in rerun["rows"]}
-    return [compare_rows(r, later[r["label"]], ppl_tol) for r in first["rows"] if r["label"] in later]
+    """Rows and variants of both results files with the same label, in the first file's order."""
+    later = {r["label"]: r for r in _entries(rerun)}
+    return [compare_rows(r, later[r["label"]], ppl_tol) for r in _entries(first) if r["label"] in later]
 
 
 def _cell(x: float | None, fmt: str) -> str:
@@ -110,7 +115,7 @@ def report(first_path: Path, rerun_path: Path, first: dict, rerun: dict, diffs: 
                      f"{pre[0]} | {pre[1]} | {', '.join(d.mismatches)} |")
     bad = [d for d in diffs if d.mismatches]
     measured = [d for d in diffs if d.first.get("ppl") is not None and not _first_line(d.first)]
-    lines += ["", f"Rows in both files: {len(diffs)}. Deterministic columns (PPL within {ppl_tol:.0e} relative, bits "
+    lines += ["", f"Rows and variants in both files: {len(diffs)}. Deterministic columns (PPL within {ppl_tol:.0e} relative, bits "
               f"per weight, size, error) agree on {len(diffs) - len(bad)}"
               + (f"; differ on {len(bad)}: " + "; ".join(f"{d.label} ({', '.join(d.mismatches)})" for d in bad)
                  if bad else f" ({len(measured)} with a perplexity)") + "."]

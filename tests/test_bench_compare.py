@@ -61,3 +61,14 @@ def test_errors_match_across_work_file_names_and_cut_lengths():
     b = _row("x", error="evaluation failed: cannot load full-8.onnx (bad kernel): check it or re-")
     c = _row("x", error="evaluation failed: cannot load full-8.onnx (other kernel): check it or re-")
     assert not C.compare_rows(a, b).mismatches and C.compare_rows(a, c).mismatches == ["error"]
+
+
+def test_variants_are_compared_as_rows():
+    variant = {"label": "x", "form": "MatMulNBits, accuracy_level 4", "ppl": 26.0,
+               "latency": _row("x")["latency"]}
+    first = {"header": {}, "rows": [_row("x")], "variants": [variant]}
+    same = C.compare(first, {"header": {}, "rows": [_row("x")], "variants": [dict(variant)]})
+    moved = C.compare(first, {"header": {}, "rows": [_row("x")], "variants": [{**variant, "ppl": 26.5}]})
+    assert [d.label for d in same] == ["x", "x · MatMulNBits, accuracy_level 4"]
+    assert not same[1].mismatches and same[1].ratios["decode"] == pytest.approx(1.0)
+    assert moved[1].mismatches == ["ppl"]
