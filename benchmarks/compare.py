@@ -4,7 +4,8 @@
 
 Deterministic columns (perplexity, bits per weight, file size, a row's error) must agree: exit 1 where one does not.
 Quantization time and decode / prefill speed are reported as rerun/first ratios, with whether the two runs' latency
-ranges (min-max over the repeats) overlap. Only rows (and variants: the same weights run in another form) present in both files are compared.
+ranges (min-max over the repeats) overlap. Only rows (and variants: the same weights run in another form) present
+in both files are compared.
 """
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ def report(first_path: Path, rerun_path: Path, first: dict, rerun: dict, diffs: 
                      f"{pre[0]} | {pre[1]} | {', '.join(d.mismatches)} |")
     bad = [d for d in diffs if d.mismatches]
     measured = [d for d in diffs if d.first.get("ppl") is not None and not _first_line(d.first)]
-    lines += ["", f"Rows and variants in both files: {len(diffs)}. Deterministic columns (PPL within {ppl_tol:.0e} relative, bits "
-              f"per weight, size, error) agree on {len(diffs) - len(bad)}"
+    lines += ["", f"Rows and variants in both files: {len(diffs)}. Deterministic columns (PPL within {ppl_tol:.0e} "
+              f"relative, bits per weight, size, error) agree on {len(diffs) - len(bad)}"
               + (f"; differ on {len(bad)}: " + "; ".join(f"{d.label} ({', '.join(d.mismatches)})" for d in bad)
                  if bad else f" ({len(measured)} with a perplexity)") + "."]
     for key, what in (("seconds", "quantization time"), ("decode", "decode speed"), ("prefill", "prefill speed")):
