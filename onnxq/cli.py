@@ -66,6 +66,8 @@ def quantize(
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
+    refine_codes: int = typer.Option(0, help="sweeps of coordinate descent on the integer codes after the solve "
+                                     "(grids fixed; each sweep never raises the layer objective)"),
     v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),
     true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
@@ -101,7 +103,7 @@ def quantize(
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, true_sequential=true_sequential, v_row_factor=v_row_factor,
+        refine_scales=refine_scales, refine_codes=refine_codes, true_sequential=true_sequential, v_row_factor=v_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()

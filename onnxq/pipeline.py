@@ -149,6 +149,7 @@ def quantize(
         "damp": recipe.damp,
         "act_order": recipe.act_order,
         "refine_scales": recipe.refine_scales,
+        "refine_codes": recipe.refine_codes,
         "true_sequential": recipe.true_sequential,
         "v_row_factor": recipe.v_row_factor,
         "float_zero": recipe.float_zero,

@@ -29,6 +29,7 @@ class QuantRecipe:
     alpha: float = 0.25  # TurboBoA / GPTAQ residual weight
     error_correction: bool = True  # TurboBoA F2 (second, float stream)
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
+    refine_codes: int = 0  # sweeps of coordinate descent on the codes after the solve (grids fixed)
     v_row_factor: bool = False  # BoA/TurboBoA: V gets the row Hessian W_O,h^T W_O,h (spec §3), not the identity
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
@@ -69,6 +70,8 @@ class QuantRecipe:
             raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
         if self.rows_per_block < 1:
             raise OnnxqError("rows per block must be >= 1")
+        if self.refine_codes < 0 or (self.refine_codes and self.algo == "rtn"):
+            raise OnnxqError("--refine-codes takes a number of sweeps >= 0 and needs calibration data: use --algo gptq, boa or turboboa")
         if self.v_row_factor and self.algo not in ("boa", "turboboa"):
             raise OnnxqError(f"--v-row-factor is a BoA/TurboBoA option: use --algo boa or turboboa (not {self.algo})")
         if self.act_order is None:

@@ -19,7 +19,7 @@ from .attention_stats import AttentionStats
 from .errors import OnnxqError
 from .recipe import QuantRecipe
 from .solvers import (
-    QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_group_scales, solve_boa,
+    QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_codes, refine_group_scales, solve_boa,
     solve_gptq, solve_rtn, solve_turboboa,
 )
 from .stats import Covariance
@@ -162,7 +162,8 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
         if dXXt is not None and mean_fp is not None:
             dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
     role, att = stats.attention.get(layer.node, (None, None))
-    H_out, heads = None, 1
+    turbo = recipe.algo == "turboboa"
+    H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised
     if recipe.algo == "rtn":
         res = solve_rtn(W, spec, grid=recipe.grid, H=H)
     elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
@@ -179,29 +180,30 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
                 dXXt=dXXt, alpha=recipe.alpha, refine=True, act_order=recipe.act_order,
             )
     else:
-        H_in, d_in = H, dXXt
         if role == "v" and att is not None:
             hv, dv = att.value_hessian()
             if hv is not None:
-                H_in, d_in, heads = hv.to(W.device), (None if dv is None else dv.to(W.device)), att.attn.n_kv_heads
+                H_in, d_in, heads = hv.to(W.device), (None if dv is None or not turbo else dv.to(W.device)), att.attn.n_kv_heads
                 H_out = stats.v_rows.get(layer.node)
                 H_out = None if H_out is None else H_out.to(W.device)
-        turbo = recipe.algo == "turboboa"
         if H_out is not None and not turbo:
             res = solve_boa(W, H_in, H_out, spec, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order)
         else:
             res = solve_turboboa(
                 W, H_in, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
-                dXXt=d_in if turbo else None, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
+                dXXt=d_in, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
             )
     if recipe.refine_scales and role != "v":
         rows = H_out if role in ("q", "k") and recipe.algo in ("boa", "turboboa") else None
         res = refine_group_scales(
-            W, H, res, dXXt=dXXt if recipe.algo == "turboboa" else None, alpha=recipe.alpha,
+            W, H, res, dXXt=dXXt if turbo else None, alpha=recipe.alpha,
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
+    if recipe.refine_codes and recipe.algo != "rtn":
+        res = refine_codes(W, H_in, res, dXXt=d_in, alpha=recipe.alpha, H_out=H_out, n_heads=heads,
+                           sweeps=recipe.refine_codes)
     if recipe.bias_correction:
-        fp = mean_fp if recipe.algo == "turboboa" else None  # only TurboBoA solves against the float stream
+        fp = mean_fp if turbo else None  # only TurboBoA solves against the float stream
         res = replace(res, bias=output_bias(W, res.qweight, mean, fp, recipe.alpha))
     return res, float(layer_loss(W, res.qweight, H))
 

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from onnxq import QuantRecipe
 from onnxq.cli import app
+from onnxq.errors import OnnxqError
 from onnxq.inspect import inspect_model
 from onnxq.passes.metadata import read_provenance
 from onnxq.pipeline import quantize
@@ -59,6 +60,20 @@ def test_gptq_beats_rtn_on_layer_loss(llama, tmp_path):
     # RTN's layer losses use H of its own (quantized) stream; compare the first block, where streams are identical
     first = [k for k in gptq.layer_losses if "layers.0/" in k]
     assert sum(gptq.layer_losses[k] for k in first) < sum(rtn.layer_losses[k] for k in first)
+
+
+
+def test_refine_codes_lowers_gptq_layer_losses(llama, tmp_path):
+    """Code coordinate descent after GPTQ: on block 0 (same inputs both runs) no layer loss rises, the sum falls."""
+    recipe = lambda **kw: QuantRecipe(algo="gptq", bits=3, group_size=32, **kw)  # noqa: E731
+    base = quantize(llama, recipe(), tmp_path / "g.onnx", windows=_windows(), progress=False)
+    cd = quantize(llama, recipe(refine_codes=2), tmp_path / "c.onnx", windows=_windows(), progress=False)
+    first = [k for k in base.layer_losses if "layers.0/" in k]
+    assert all(cd.layer_losses[k] <= base.layer_losses[k] * (1 + 1e-6) for k in first)
+    assert sum(cd.layer_losses[k] for k in first) < sum(base.layer_losses[k] for k in first)
+    assert int(read_provenance(onnx.load(tmp_path / "c.onnx"))["refine_codes"]) == 2
+    with pytest.raises(OnnxqError, match="refine-codes"):
+        QuantRecipe(algo="rtn", refine_codes=1).validate()
 
 
 runner = CliRunner()

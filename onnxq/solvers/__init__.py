@@ -1,6 +1,7 @@
 """Pure-torch weight quantization solvers: grids, the shared OBS engine, RTN, GPTQ/GPTAQ, BoA, TurboBoA, gso."""
 from .bias import centered_hessian, centered_residual, output_bias
 from .boa import solve_boa
+from .codes import refine_codes
 from .engine import obs_quantize
 from .grid import QuantResult, QuantSpec, find_grid, hessian_weighted_grid, minmax_grid, mse_grid
 from .gptq import solve_gptq
@@ -11,7 +12,7 @@ from .turboboa import solve_turboboa
 
 __all__ = [
     "QuantResult", "QuantSpec", "centered_hessian", "centered_residual", "derotate_average", "factor", "find_grid", "gqa_average", "gqa_replicate",
-    "hessian_weighted_grid", "layer_loss", "minmax_grid", "mse_grid", "obs_quantize", "output_bias", "refine_group_scales",
+    "hessian_weighted_grid", "layer_loss", "minmax_grid", "mse_grid", "obs_quantize", "output_bias", "refine_codes", "refine_group_scales",
     "value_row_hessian",
     "solve_boa", "solve_gptq", "solve_gso", "solve_rtn", "solve_turboboa",
 ]
