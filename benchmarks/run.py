@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -312,6 +313,34 @@ def run_job(cfg: dict, model: Path, out: Path, *, calib_npy: Path, ep: str, devi
     return {"error": (lines or [f"exit status {proc.returncode}"])[-1][:300]}
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a model file and of its external-data siblings (`<name>.data`, `<name>_data`, ...)."""
+    h = hashlib.sha256()
+    for f in sorted([path, *(p for p in path.parent.glob(path.name + "?*") if not p.name.endswith(".json"))]):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def repeat_job(cfg: dict, model: Path, out: Path, first: dict, n: int, **kw) -> dict:
+    """Run the job n - 1 more times (same file name, a sibling folder) and return the timing fields over the runs:
+    median wall time and peak RSS, every run's values, and whether every repeat wrote the same bytes."""
+    again = out.parent / "repeat" / out.name
+    again.parent.mkdir(exist_ok=True)
+    want, runs, extra = file_digest(out), [first], {"repeats_identical": True}
+    for _ in range(n - 1):
+        job = run_job(cfg, model, again, **kw)
+        if "error" in job:
+            extra = {"repeat_error": job["error"]}
+            break
+        runs.append(job)
+        extra["repeats_identical"] &= file_digest(again) == want
+    _drop(again)
+    med = lambda k: round(float(np.median([r[k] for r in runs])), 2)  # noqa: E731
+    return {"seconds": med("seconds"), "peak_rss_mb": med("peak_rss_mb"), "seconds_runs": [r["seconds"] for r in runs],
+            "peak_rss_mb_runs": [r["peak_rss_mb"] for r in runs], **extra}
+
+
 def score(row: dict, path: Path, windows: np.ndarray, ep: str) -> None:
     """PPL, size and bits per weight of a model file, into `row`; off the CPU EP, also the CPU EP's PPL of the same
     file (the two EPs must agree)."""
@@ -400,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=None,
                     help="measure latency (default: on for smoke/quick/full)")
     ap.add_argument("--repeats", type=int, help="latency repeats (default 5; smoke 3)")
+    ap.add_argument("--quant-repeats", type=int, default=1, metavar="N", help="run each quantization N times, each "
+                    "in a fresh process: the table quotes the median wall time and peak RSS [min–max], the JSON keeps "
+                    "every run, and every repeat must write a byte-identical file (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the with-past copies of the quantized models")
     ap.add_argument("--resume", nargs="?", const="", metavar="JSON", help="finish a run that was cut short: keep "
                     "the rows of its results JSON (default: today's file of this suite), run only the missing ones, "
@@ -417,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.runtime.session import providers_for
 
     args.device = args.device or default_device(args.ep)
+    if args.quant_repeats < 1:
+        print("error: --quant-repeats must be >= 1", file=sys.stderr)
+        return 2
     if args.render:
         return render(Path(args.render), plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
     try:
@@ -505,6 +540,9 @@ def _run(args) -> int:
         row = {"label": name, **cfg, "cpu": cpu}
         share = CpuShare()
         job = run_job(cfg, model, out, calib_npy=calib_npy, ep=args.ep, device=args.device)
+        if "error" not in job and args.quant_repeats > 1:
+            job.update(repeat_job(cfg, model, out, job, args.quant_repeats, calib_npy=calib_npy, ep=args.ep,
+                                  device=args.device))
         row.update(job)
         if "error" not in job:
             try:
@@ -563,7 +601,8 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         ("model", args.model if args.model != "smollm2" else None), ("only", args.only or None),
         ("skip", args.skip or None), ("ep", args.ep if args.ep != "cpu" else None),
         ("device", args.device if args.device != default_device(args.ep) else None), ("threads", args.threads),
-        ("repeats", args.repeats)) if v is not None), [])
+        ("repeats", args.repeats), ("quant_repeats", args.quant_repeats if args.quant_repeats > 1 else None))
+        if v is not None), [])
     if args.latency is not None:
         argv.append("--latency" if args.latency else "--no-latency")
     text = "random tiny Llama (tests.tiny.tiny_llama), UTF-8 bytes as tokens" if opts["model"] == "tiny" else "tokenizer of the model"
@@ -582,8 +621,11 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         "bpw": "bits per weight of the quantized layers from onnxq.inspect: stored codes + scales + zero points "
                "(+ padding to whole blocks) × 8 / K·N",
         "solvers": f"onnxq's solvers on torch {args.device}",
-        "quant time": "wall time of one run of the quantizer in its own process, model load and save included "
-                      "(not repeated); peak RSS of that process",
+        "quant time": ("wall time of one run of the quantizer in its own process, model load and save included "
+                       "(not repeated); peak RSS of that process") if args.quant_repeats == 1 else (
+                       f"median [min–max] of {args.quant_repeats} runs of the quantizer, each in its own process, model "
+                       "load and save included; peak RSS: median over the runs; every repeat must write a "
+                       "byte-identical file"),
     }
     if lat:
         head["latency"] = (f"with-past export {past} with the quantized layers moved in (logits checked against the "
@@ -627,6 +669,14 @@ def _lat_cells(lat: dict | None) -> list[str]:
             f"{lat['prefill_tok_s']:.0f} [{rate(p['max']):.0f}–{rate(p['min']):.0f}]"]
 
 
+def _time_cell(r: dict) -> str:
+    """Quantization wall time: the one run, or median [min–max] of repeated runs."""
+    runs = r.get("seconds_runs") or []
+    if len(runs) < 2:
+        return _num(r.get("seconds"), "{:.1f}")
+    return f"{r['seconds']:.1f} [{min(runs):.1f}–{max(runs):.1f}]"
+
+
 def main_cpu(rows: list[dict]) -> str | None:
     """The CPU most rows were measured on."""
     cpus = [r["cpu"] for r in rows if "cpu" in r]
@@ -646,6 +696,12 @@ def footnotes(rows: list[dict]) -> list[str]:
         out.append(f"† times not clean: other processes or the hypervisor took more than {BUSY_SHARE:.0%} of the CPUs "
                    "during the row (" + "; ".join(f"{r['label']}: {r['cpu_share']['other_cpu']:.0%} other, "
                                                   f"{r['cpu_share']['steal']:.0%} steal" for r in hit) + ")")
+    differ = [r["label"] for r in rows if r.get("repeats_identical") is False]
+    if differ:
+        out.append("repeated quantization wrote different files (not deterministic): " + "; ".join(differ))
+    failed = [f"{r['label']}: {r['repeat_error']}" for r in rows if r.get("repeat_error")]
+    if failed:
+        out.append("a repeat of the quantization failed (time of the runs before it): " + "; ".join(failed))
     other = [r for r in rows if cpu and r.get("cpu", cpu) != cpu]
     if other:
         out.append(f"‡ measured on another CPU than the other rows ({cpu}): " +
@@ -675,7 +731,7 @@ def table(rows: list[dict]) -> list[str]:
             lat = [f"failed: {r['latency_error'].replace('|', '/')}", ""]
         d = "" if r is rows[0] else f"{r['ppl'] - fp:+.2f}"
         cells = [f"{r['label']}{marks(r, cpu)}", fmt, _num(r["ppl"])] + [_num(r.get("ppl_cpu_ep"))] * cross + [
-            d, _num(r.get("bpw"), "{:.3f}"), _num(r.get("size_mb"), "{:.1f}"), _num(r.get("seconds"), "{:.1f}"),
+            d, _num(r.get("bpw"), "{:.3f}"), _num(r.get("size_mb"), "{:.1f}"), _time_cell(r),
             _num(r.get("peak_rss_mb"), "{:.0f}"), *lat]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

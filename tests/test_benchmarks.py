@@ -368,3 +368,34 @@ def test_render_rewrites_outputs_from_the_json_alone(smoke, tmp_path, capsys):
     assert R.main(["--render", str(copy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a results JSON" in err[0]
+
+
+def test_quant_repeats_quote_the_median_and_check_identical_files(tmp_path):
+    """--quant-repeats 3: every quantized row keeps three wall times, quotes their median, and repeats byte-identically."""
+    rc = R.main(["--suite", "smoke", "--only", "W4", "--quant-repeats", "3", "--out", str(tmp_path / "results"),
+                 "--work", str(tmp_path / "work"), "--no-latency", "--no-plot"])
+    assert rc == 0
+    (json_path,) = (tmp_path / "results").glob("*-smoke.json")
+    data = json.loads(json_path.read_text())
+    quantized = [r for r in data["rows"] if r["tool"] != "float"]
+    assert [r["label"] for r in quantized] == ["onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym"]
+    for r in quantized:
+        assert len(r["seconds_runs"]) == 3 and r["repeats_identical"] is True, r
+        assert r["seconds"] == pytest.approx(float(np.median(r["seconds_runs"])), abs=0.01)
+        assert r["peak_rss_mb"] == pytest.approx(float(np.median(r["peak_rss_mb_runs"])), abs=0.1)
+        cell = f"{r['seconds']:.1f} [{min(r['seconds_runs']):.1f}–{max(r['seconds_runs']):.1f}]"
+        assert cell in json_path.with_suffix(".md").read_text()
+    assert "median [min–max] of 3 runs" in data["header"]["quant time"]
+    assert data["header"]["command"].endswith("--quant-repeats 3 --no-latency")
+    assert R.main(["--suite", "smoke", "--quant-repeats", "0"]) == 2
+
+
+def test_file_digest_sees_external_data(tmp_path):
+    a, b = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
+    for p, data in ((a, b"w1"), (b, b"w2")):
+        p.parent.mkdir()
+        p.write_bytes(b"graph")
+        p.with_name(p.name + ".data").write_bytes(data)
+    assert R.file_digest(a) != R.file_digest(b)
+    b.with_name(b.name + ".data").write_bytes(b"w1")
+    assert R.file_digest(a) == R.file_digest(b)
