@@ -481,6 +481,7 @@ def default_device(ep: str) -> str:
 
 
 def _run(args) -> int:
+    from onnxq.errors import OnnxqError
     from onnxq.textdata import load_text, token_windows
 
     opts = {**DEFAULTS, **OPTIONS.get(args.suite, {})}
@@ -512,6 +513,10 @@ def _run(args) -> int:
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
         old = json.loads(stem.with_suffix(".json").read_text())
+        if old["header"].get("quant_repeats", 1) != args.quant_repeats:
+            raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over "
+                             f"{old['header'].get('quant_repeats', 1)} run(s): give --quant-repeats "
+                             f"{old['header'].get('quant_repeats', 1)} to finish it")
         head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu}"]}
         before = {r["label"]: r for r in old["rows"]}
         done = {k: r for k, r in before.items() if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}
@@ -621,6 +626,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         "bpw": "bits per weight of the quantized layers from onnxq.inspect: stored codes + scales + zero points "
                "(+ padding to whole blocks) × 8 / K·N",
         "solvers": f"onnxq's solvers on torch {args.device}",
+        "quant_repeats": args.quant_repeats,
         "quant time": ("wall time of one run of the quantizer in its own process, model load and save included "
                        "(not repeated); peak RSS of that process") if args.quant_repeats == 1 else (
                        f"median [min–max] of {args.quant_repeats} runs of the quantizer, each in its own process, model "

@@ -399,3 +399,13 @@ def test_file_digest_sees_external_data(tmp_path):
     assert R.file_digest(a) != R.file_digest(b)
     b.with_name(b.name + ".data").write_bytes(b"w1")
     assert R.file_digest(a) == R.file_digest(b)
+
+
+def test_resume_keeps_the_quant_repeats_of_the_file(smoke, tmp_path, capsys):
+    """A file timed over one run cannot be finished with --quant-repeats 3 (its rows would mix single runs and medians)."""
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    R.write(cut.with_suffix(""), data["header"], data["rows"][:2], [])
+    assert R.main(["--suite", "smoke", "--resume", str(cut), "--quant-repeats", "3", "--work", str(tmp / "work")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give --quant-repeats 1" in err and "\n" not in err
