@@ -513,10 +513,10 @@ def _run(args) -> int:
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
         old = json.loads(stem.with_suffix(".json").read_text())
-        if old["header"].get("quant_repeats", 1) != args.quant_repeats:
-            raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over "
-                             f"{old['header'].get('quant_repeats', 1)} run(s): give --quant-repeats "
-                             f"{old['header'].get('quant_repeats', 1)} to finish it")
+        timed = old["header"].get("quant_repeats", 1)
+        if timed != args.quant_repeats:
+            raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over {timed} "
+                             f"run(s): give --quant-repeats {timed} to finish it")
         head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu}"]}
         before = {r["label"]: r for r in old["rows"]}
         done = {k: r for k, r in before.items() if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}

@@ -199,7 +199,7 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
             W, H, res, dXXt=dXXt if turbo else None, alpha=recipe.alpha,
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
-    if recipe.refine_codes and recipe.algo != "rtn":
+    if recipe.refine_codes:  # validate() refuses it for rtn
         res = refine_codes(W, H_in, res, dXXt=d_in, alpha=recipe.alpha, H_out=H_out, n_heads=heads,
                            sweeps=recipe.refine_codes)
     if recipe.bias_correction:

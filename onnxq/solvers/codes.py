@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .grid import QuantResult, QuantSpec, group_index, make_result
+from .grid import QuantResult, group_index, make_result
 from .hessian import as_work
 
 
@@ -17,7 +17,7 @@ def refine_codes(
 
     H [n, n] or per head [n_heads, n, n]; H_out [n_heads, d_h, d_h] or None (= I: every row at once per column)."""
     W, H, H_out, R = as_work(W, H, H_out, dXXt)
-    spec = QuantSpec(result.bits, result.group_size, result.sym, result.zeros.is_floating_point())
+    spec = result.spec
     rows, n = W.shape
     g = group_index(n, spec, W.device)
     h = n_heads if (H_out is not None or H.dim() == 3) else 1

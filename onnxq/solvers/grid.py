@@ -50,6 +50,11 @@ class QuantResult:
     sym: bool
     bias: Tensor | None = None  # [d_out] float32 output bias (mean correction), added after the MatMul
 
+    @property
+    def spec(self) -> QuantSpec:
+        """The grid this result was quantized on (float zero points where the zeros are floats)."""
+        return QuantSpec(self.bits, self.group_size, self.sym, self.zeros.is_floating_point())
+
 
 def group_index(n: int, spec: QuantSpec, device: torch.device | None = None) -> Tensor:
     """Group of every column: [n] long."""

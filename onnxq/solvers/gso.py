@@ -23,7 +23,7 @@ def refine_group_scales(
     H [n, n] or per head [n_heads, n, n]; H_out [n_heads, d_h, d_h] or None (= I: rows independent, all at once).
     Scales stay >= 0 (> 0 for float zeros); L never increases."""
     W, H, H_out, R = as_work(W, H, H_out, dXXt)
-    spec = QuantSpec(result.bits, result.group_size, result.sym, result.zeros.is_floating_point())
+    spec = result.spec
     rows, n = W.shape
     gs, g = spec.width(n), group_index(n, spec, W.device)
     Z = (result.codes - result.zeros[:, g]).to(W)
