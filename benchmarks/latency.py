@@ -33,7 +33,6 @@ import onnx
 from onnxq.errors import OnnxqError
 
 DEVICE_CACHE = {"cuda": "cuda", "tensorrt": "cuda"}  # EPs whose decode keeps the KV cache on the device
-QUANT_OPS = {"MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"}
 PREFIX = "q::"  # transplanted initializers and intermediate tensors, so they never collide with the host's names
 
 

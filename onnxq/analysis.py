@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 
@@ -37,7 +37,6 @@ class Partition:
     stem: list[int]
     blocks: list[list[int]]
     head: list[int]
-    block_of_node: dict[int, int] = field(default_factory=dict)
 
 
 def block_index(name: str) -> int | None:
@@ -121,7 +120,6 @@ def partition(model: onnx.ModelProto) -> Partition:
     n_blocks = max(t for t in tags if t is not None) + 1
     stem, head = [], []
     blocks: list[list[int]] = [[] for _ in range(n_blocks)]
-    owner: dict[int, int] = {}
     for i in range(len(nodes)):
         if tags[i] is not None:
             b = tags[i]
@@ -137,8 +135,7 @@ def partition(model: onnx.ModelProto) -> Partition:
             head.append(i)
             continue
         blocks[b].append(i)
-        owner[i] = b
     if any(not b for b in blocks):
         missing = [i for i, b in enumerate(blocks) if not b]
         raise OnnxqError(f"decoder block numbering has gaps (blocks {missing} empty): check the export's node names")
-    return Partition(stem, blocks, head, owner)
+    return Partition(stem, blocks, head)
