@@ -59,6 +59,8 @@ def quantize(
     float_zero: bool = typer.Option(False, "--float-zero/--int-zero", help="asymmetric MatMulNBits with float zero "
                                     "points: each group's grid spans its exact [min, max] (2-4 bits; +32 bits per "
                                     "group instead of +bits)"),
+    v_int_zero: bool = typer.Option(False, help="with --float-zero: attention value projections keep integer zero "
+                                    "points (measured better on SmolLM2)"),
     format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
     grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
@@ -102,7 +104,7 @@ def quantize(
         accuracy_level = chosen_level if default("accuracy_level") else accuracy_level
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
-        algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, format=format, grid=grid, damp=damp, act_order=act_order,
+        algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, v_int_zero=v_int_zero, format=format, grid=grid, damp=damp, act_order=act_order,
         refine_scales=refine_scales, refine_codes=refine_codes, true_sequential=true_sequential, v_row_factor=v_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,

@@ -153,6 +153,7 @@ def quantize(
         "true_sequential": recipe.true_sequential,
         "v_row_factor": recipe.v_row_factor,
         "float_zero": recipe.float_zero,
+        "v_int_zero": recipe.v_int_zero,
         "bias_correction": recipe.bias_correction,
         "rotate": recipe.rotate,
         "rotation": rotation,

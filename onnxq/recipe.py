@@ -20,6 +20,7 @@ class QuantRecipe:
     group_size: int = 128  # -1 = per output channel
     sym: bool = False
     float_zero: bool = False  # asymmetric MatMulNBits with float zero points (grid = exact group [min, max]); 2-4 bits
+    v_int_zero: bool = False  # with float_zero: attention value projections keep integer zero points
     format: str = "nbits"
     grid: str | None = None  # None: the algorithm's default (rtn: minmax; gptq: see validate; boa/turboboa: hessian)
     damp: float = 0.01
@@ -66,6 +67,8 @@ class QuantRecipe:
         if self.float_zero and (self.sym or self.format != "nbits" or self.bits == 8):
             raise OnnxqError("float zero points need an asymmetric MatMulNBits grid of 2-4 bits (DequantizeLinear takes "
                              "integer zero points; ORT has no 8-bit float-zero kernel): drop --float-zero or --sym/--format qdq")
+        if self.v_int_zero and not self.float_zero:
+            raise OnnxqError("--v-int-zero keeps integer zero points on V under --float-zero: add --float-zero or drop it")
         if self.calib_windows < 1 or self.calib_seq_len < 8:
             raise OnnxqError("calibration needs at least 1 window of >= 8 tokens: raise --calib-windows / --calib-seq-len")
         if self.rows_per_block < 1:

@@ -149,7 +149,9 @@ def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, r
 
 
 def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
-    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym, float_zero=recipe.float_zero)
+    role, att = stats.attention.get(layer.node, (None, None)) if stats else (None, None)
+    int_zero = recipe.v_int_zero and (role == "v" or layer.role == "v_proj")
+    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym, float_zero=recipe.float_zero and not int_zero)
     cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
         return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")
@@ -161,7 +163,6 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
         H = centered_hessian(H, mean)
         if dXXt is not None and mean_fp is not None:
             dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
-    role, att = stats.attention.get(layer.node, (None, None))
     turbo = recipe.algo == "turboboa"
     H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised
     if recipe.algo == "rtn":

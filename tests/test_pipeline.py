@@ -184,8 +184,42 @@ def test_float_zero_points_end_to_end(llama, tmp_path):
     assert np.isfinite(_logits(out, _windows(2, 16, seed=1))).all()
 
 
+def _nbits_inputs(path) -> dict[str, list[np.ndarray]]:
+    """B, scales and zero points of every MatMulNBits node, by node name."""
+    from onnx import numpy_helper
+
+    m = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    return {n.name: [inits[i] for i in n.input[1:4]] for n in m.graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_v_int_zero_keeps_integer_zero_points_on_v(llama, tmp_path):
+    """--v-int-zero: V projections get packed integer zero points and exactly the --int-zero result, every other layer the
+    --float-zero one (RTN, so layers are independent); the attention-aware path marks the same layers."""
+    runs = {}
+    for tag, extra in [("int", []), ("float", ["--float-zero"]), ("mixed", ["--float-zero", "--v-int-zero"])]:
+        out = tmp_path / f"{tag}.onnx"
+        res = runner.invoke(app, ["quantize", str(llama), "-o", str(out), "--algo", "rtn", "--bits", "2", "--group", "32", *extra])
+        assert res.exit_code == 0, res.output
+        runs[tag] = _nbits_inputs(out)
+    layers = {l["name"]: l for l in inspect_model(tmp_path / "mixed.onnx")["layers"] if l["format"] == "MatMulNBits"}
+    v = {n for n in layers if "v_proj" in n}
+    assert len(v) == 2 and {layers[n]["zero_point"] for n in v} == {"uint2 packed"}
+    assert {layers[n]["zero_point"] for n in set(layers) - v} == {"float32"}
+    for name, arrays in runs["mixed"].items():
+        ref = runs["int" if name in v else "float"][name]
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, ref)), name
+    out = tmp_path / "turbo.onnx"
+    quantize(llama, QuantRecipe(algo="turboboa", bits=2, group_size=32, float_zero=True, v_int_zero=True, rows_per_block=4),
+             out, windows=_windows(), progress=False)
+    zero_types = {l["name"]: l["zero_point"] for l in inspect_model(out)["layers"] if l["format"] == "MatMulNBits"}
+    assert {n for n, z in zero_types.items() if z != "float32"} == v
+    assert read_provenance(onnx.load(out))["v_int_zero"] is True
+
+
 @pytest.mark.parametrize("extra,needle", [(["--sym"], "asymmetric"), (["--format", "qdq"], "integer zero points"),
-                                          (["--bits", "8"], "8-bit"), (["--target", "cuda"], "CPU provider only")])
+                                          (["--bits", "8"], "8-bit"), (["--target", "cuda"], "CPU provider only"),
+                                          (["--int-zero", "--v-int-zero"], "add --float-zero")])
 def test_float_zero_refusals(llama, tmp_path, extra, needle):
     out = tmp_path / "fz.onnx"
     res = runner.invoke(app, ["quantize", str(llama), "-o", str(out), "--algo", "rtn", "--float-zero", *extra])
