@@ -60,7 +60,7 @@ def quantize(
                                     "points: each group's grid spans its exact [min, max] (2-4 bits; +32 bits per "
                                     "group instead of +bits)"),
     v_int_zero: bool = typer.Option(False, help="with --float-zero: attention value projections keep integer zero "
-                                    "points (measured better on SmolLM2)"),
+                                    "points (measured better on SmolLM2 with the default calibration)"),
     format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
     grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
