@@ -72,6 +72,8 @@ def quantize(
                                      "(grids fixed; each sweep never raises the layer objective)"),
     v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),
+    up_row_factor: bool = typer.Option(False, help="turboboa: couple each gated MLP's up_proj rows through the down "
+                                       "projection, row Hessian (J Jᵀ) ⊙ E[a aᵀ] (a = act(gate), J = product to output)"),
     true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
                                          "layers are quantized (more calibration passes)"),
     bias_correction: bool = typer.Option(False, help="solve on centred activation statistics and add the output bias "
@@ -106,6 +108,7 @@ def quantize(
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, v_int_zero=v_int_zero, format=format, grid=grid, damp=damp, act_order=act_order,
         refine_scales=refine_scales, refine_codes=refine_codes, true_sequential=true_sequential, v_row_factor=v_row_factor,
+        up_row_factor=up_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
     ).validate()

@@ -20,8 +20,9 @@ from .io import read_array
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
+from .mlp import GatedMlp, gated_mlps, product_map
 from .solve import BlockStats, solve_block, solve_layer
-from .solvers import QuantResult, value_row_hessian
+from .solvers import QuantResult, up_row_hessian, value_row_hessian
 from .stats import Covariance
 
 
@@ -210,6 +211,10 @@ def _blockwise(
         for a in attention_blocks(proto):
             if a.kind == "unfused" and a.n_heads and a.block is not None:
                 attn_by_block.setdefault(a.block, []).append(a)
+    mlp_by_block: dict[int, list[GatedMlp]] = {}
+    if recipe.up_row_factor:
+        for m in gated_mlps(proto):
+            mlp_by_block.setdefault(m.block, []).append(m)
     envs = runner.start(batches)
     envs_fp = [dict(e) for e in envs] if need_fp else None
     n_blocks = len(runner.blocks)
@@ -217,9 +222,12 @@ def _blockwise(
     for b in bar:
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
-        stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe)
+        mlps = [m for m in mlp_by_block.get(b, []) if m.up in {l.node for l in todo}]
+        stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe, mlps=mlps)
         if recipe.v_row_factor:
             stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
+        if mlps:
+            stats.up_rows = _up_rows(proto, mlps, stats, read, folder)
         recollected = {todo[0].input} if todo else set()
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
@@ -262,7 +270,7 @@ def _blockwise(
 
 def _collect(
     runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe, *,
-    weights: dict[str, np.ndarray] | None = None, biases: dict[str, np.ndarray] | None = None,
+    weights: dict[str, np.ndarray] | None = None, biases: dict[str, np.ndarray] | None = None, mlps: list[GatedMlp] = (),
 ) -> BlockStats:
     """Run block `b` on the quantized stream (float weights, or `weights` and output `biases` for layers already
     solved: true-sequential);
@@ -282,7 +290,9 @@ def _collect(
             if getattr(a, role) in todo_names:
                 stats.attention[getattr(a, role)] = (role, acc)
     accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
-    capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()]))
+    stats.acts = {m.act: Covariance(d, device=recipe.device) for m in mlps for l in todo if l.node == m.up
+                  for d in [l.n]}
+    capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()] + list(stats.acts)))
     q_iter = runner.run(b, envs, capture=capture, weights=weights, biases=biases, advance=False)
     f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
     for cap in q_iter:
@@ -295,6 +305,8 @@ def _collect(
                 raise OnnxqError(f"block {b}, input of {readers}: {err}") from None
         for acc in accs:
             acc.add(cap, cap_fp or None)
+        for n, cov in stats.acts.items():
+            cov.add(cap[n])
     if f_iter is not None:
         for _ in f_iter:
             pass
@@ -306,6 +318,18 @@ def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer
     by_node = {l.node: l for l in todo}
     return {a.v: value_row_hessian(read(by_node[a.o]), a.n_heads, a.n_kv_heads)
             for a in attn if a.v in by_node and a.o in by_node}
+
+
+def _up_rows(proto: onnx.ModelProto, mlps: list[GatedMlp], stats: BlockStats, read, folder) -> dict:
+    """Up node -> its row Hessian (J Jᵀ) ⊙ E[a aᵀ], J the float map from the gated product to the MLP output."""
+    layers = {l.node: l for l in linear_layers(proto) if l.node in {m.down for m in mlps}}
+    out = {}
+    for m in mlps:
+        down = read(layers[m.down]).T  # [d_ff, d_model], ONNX orientation
+        P = product_map(proto, m, down.shape[0], lambda t: read_array(t, folder))
+        J = down if P is None else torch.from_numpy(P).to(down) @ down
+        out[m.up] = up_row_hessian(J.to(stats.acts[m.act].device), stats.acts[m.act].hessian())
+    return out
 
 
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:

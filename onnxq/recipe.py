@@ -32,6 +32,7 @@ class QuantRecipe:
     refine_scales: bool = False  # two-stage group-scale optimisation (gso)
     refine_codes: int = 0  # sweeps of coordinate descent on the codes after the solve (grids fixed)
     v_row_factor: bool = False  # BoA/TurboBoA: V gets the row Hessian W_O,h^T W_O,h (spec §3), not the identity
+    up_row_factor: bool = False  # TurboBoA: up_proj rows coupled through the down projection, (J Jᵀ) ⊙ E[a aᵀ]
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
     rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (passes/rotate.py)
@@ -77,6 +78,8 @@ class QuantRecipe:
             raise OnnxqError("--refine-codes takes a number of sweeps >= 0 and needs calibration data: use --algo gptq, boa or turboboa")
         if self.v_row_factor and self.algo not in ("boa", "turboboa"):
             raise OnnxqError(f"--v-row-factor is a BoA/TurboBoA option: use --algo boa or turboboa (not {self.algo})")
+        if self.up_row_factor and self.algo != "turboboa":
+            raise OnnxqError(f"--up-row-factor is a TurboBoA option: use --algo turboboa (not {self.algo})")
         if self.act_order is None:
             self.act_order = self.algo != "rtn"
         if self.accuracy_level not in (0, 1, 2, 3, 4):

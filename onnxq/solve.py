@@ -25,6 +25,9 @@ from .solvers import (
 from .stats import Covariance
 
 
+UP_ROWS_PER_BLOCK = 128  # up_proj under its MLP row Hessian (d_ff rows, one head)
+
+
 @dataclass
 class BlockStats:
     """Everything captured for one decoder block: input covariances per tensor and attention statistics per layer."""
@@ -32,6 +35,8 @@ class BlockStats:
     cov: dict[str, Covariance] = field(default_factory=dict)
     attention: dict[str, tuple[str, AttentionStats]] = field(default_factory=dict)  # layer node -> (role, stats)
     v_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # V node -> W_O row factor [n_kv, d_h, d_h]
+    acts: dict[str, Covariance] = field(default_factory=dict)  # gated-MLP activation tensor -> its second moment
+    up_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # up node -> MLP row Hessian [1, d_ff, d_ff]
 
 
 @contextlib.contextmanager
@@ -169,6 +174,11 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
         res = solve_rtn(W, spec, grid=recipe.grid, H=H)
     elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
         res = _gptq(W, H, spec, recipe, grid=recipe.grid if recipe.algo == "gptq" else "hessian")
+    elif recipe.algo == "turboboa" and layer.node in stats.up_rows:
+        H_out = stats.up_rows[layer.node].to(W.device)  # one head of d_ff rows, grid searched once
+        res, target = solve_turboboa(W, H, H_out, spec, n_heads=1, rows_per_block=UP_ROWS_PER_BLOCK, damp=recipe.damp,
+                                     dXXt=dXXt, alpha=recipe.alpha, refine=False, act_order=recipe.act_order,
+                                     with_target=True)
     elif role in ("q", "k"):
         h_q, h_k = att.row_hessians()
         H_out = (h_q if role == "q" else h_k).to(W.device)
@@ -194,13 +204,16 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
                 W, H_in, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
                 dXXt=d_in, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
             )
-    if recipe.refine_scales and role != "v":
+    coupled = H_out is not None and layer.node in stats.up_rows
+    if recipe.refine_scales and role != "v" and not coupled:
         rows = H_out if role in ("q", "k") and recipe.algo in ("boa", "turboboa") else None
         res = refine_group_scales(
             W, H, res, dXXt=dXXt if turbo else None, alpha=recipe.alpha,
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
-    if recipe.refine_codes:  # validate() refuses it for rtn
+    if recipe.refine_codes and coupled:  # rows one at a time under a d_ff-row H_out is too slow: each row descends
+        res = refine_codes(target, H_in, res, dXXt=d_in, alpha=recipe.alpha, sweeps=recipe.refine_codes)  # on its target
+    elif recipe.refine_codes:  # validate() refuses it for rtn
         res = refine_codes(W, H_in, res, dXXt=d_in, alpha=recipe.alpha, H_out=H_out, n_heads=heads,
                            sweeps=recipe.refine_codes)
     if recipe.bias_correction:

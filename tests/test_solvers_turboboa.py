@@ -131,3 +131,21 @@ def test_float_zero_solvers_keep_a_weight_already_on_its_grid(act_order):
         exact, integer = run(f), run(i)
         assert exact.zeros.is_floating_point(), name
         assert layer_loss(W, exact.qweight, Hi) < 1e-8 * layer_loss(W, integer.qweight, Hi), name
+
+
+def test_target_is_what_each_row_block_was_solved_against():
+    """with_target: under H_out = I no row is compensated (the target is W); under a dense H_out the first row block
+    of each head keeps W and the later rows move."""
+    g = torch.Generator().manual_seed(1)
+    d, n, heads = 8, 24, 2
+    W = torch.randn(heads * d, n, generator=g, dtype=torch.float64)
+    X = torch.randn(200, n, generator=g, dtype=torch.float64)
+    A = torch.randn(heads, d, d, generator=g, dtype=torch.float64)
+    spec = QuantSpec(bits=3, group_size=8, sym=False)
+    _, same = solve_turboboa(W, X.T @ X, torch.eye(d, dtype=torch.float64).repeat(heads, 1, 1), spec, n_heads=heads,
+                             rows_per_block=4, refine=False, with_target=True)
+    assert torch.allclose(same, W, atol=1e-12)
+    _, target = solve_turboboa(W, X.T @ X, A @ A.mT + torch.eye(d), spec, n_heads=heads, rows_per_block=4,
+                                 refine=False, act_order=False, with_target=True)
+    rows = lambda t: t.reshape(heads, d, n)  # noqa: E731
+    assert torch.allclose(rows(target)[:, :4], rows(W)[:, :4]) and not torch.allclose(rows(target)[:, 4:], rows(W)[:, 4:])

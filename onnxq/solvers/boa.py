@@ -43,6 +43,11 @@ class Heads:
             codes, S, Z = _rows(codes, inv), _rows(S, inv), _rows(Z, inv)
         return make_result(codes.flatten(0, 1), S.flatten(0, 1), Z.flatten(0, 1), spec)
 
+    def original_order(self, X: Tensor) -> Tensor:
+        """[h, d_h, n] in act-order -> [h*d_h, n] in the original row and column order."""
+        X = self.orig_cols(X)
+        return (X if self.rperm is None else _rows(X, torch.argsort(self.rperm, 1))).flatten(0, 1)
+
 
 def setup_heads(
     W: Tensor, H_in: Tensor, H_out: Tensor, *, n_heads: int, damp: float, act_order: bool,

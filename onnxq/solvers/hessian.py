@@ -70,6 +70,13 @@ def value_row_hessian(W_O: Tensor, n_heads: int, n_kv_heads: int) -> Tensor:
     return gqa_average(Wh.mT @ Wh, n_kv_heads)
 
 
+def up_row_hessian(J: Tensor, act_cov: Tensor) -> Tensor:
+    """Row Hessian of a gated MLP's up projection, (J Jᵀ) ⊙ E[a aᵀ] [1, d_ff, d_ff]: J [d_ff, d_model] maps the
+    product a * u to the MLP output, a is the activation up's output is multiplied by (Kronecker-factored like BoA's)."""
+    J = J.to(act_cov)
+    return ((J @ J.T) * act_cov)[None]
+
+
 def layer_loss(W: Tensor, Q: Tensor, H_in: Tensor, H_out: Tensor | None = None, n_heads: int = 1) -> float:
     """tr(H_out dW H_in dW^T) summed over heads (fp64); H_in [n, n] or [n_heads, n, n], H_out [n_heads, d_h, d_h] or None (I)."""
     D = (Q.double() - W.double()).reshape(n_heads, -1, W.shape[-1])
