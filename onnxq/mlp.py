@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 from .analysis import block_index, linear_layers
 from .attention import GraphIndex
 
-_PATH_OPS = {"Reshape", "Shape", "MatMul"}  # what may sit between the gated product and the down projection
+_PATH_OPS = {"Reshape", "MatMul"}  # what may sit between the gated product and the down projection (besides Shape)
 
 
 @dataclass

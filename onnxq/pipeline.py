@@ -227,7 +227,7 @@ def _blockwise(
         if recipe.v_row_factor:
             stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
         if mlps:
-            stats.up_rows = _up_rows(proto, mlps, stats, read, folder)
+            stats.up_rows, stats.acts = _up_rows(proto, mlps, stats, read, folder), {}
         recollected = {todo[0].input} if todo else set()
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
@@ -290,8 +290,8 @@ def _collect(
             if getattr(a, role) in todo_names:
                 stats.attention[getattr(a, role)] = (role, acc)
     accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
-    stats.acts = {m.act: Covariance(d, device=recipe.device) for m in mlps for l in todo if l.node == m.up
-                  for d in [l.n]}
+    d_ff = {l.node: l.n for l in todo}
+    stats.acts = {m.act: Covariance(d_ff[m.up], device=recipe.device) for m in mlps}
     capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()] + list(stats.acts)))
     q_iter = runner.run(b, envs, capture=capture, weights=weights, biases=biases, advance=False)
     f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
