@@ -2,7 +2,7 @@
 down projection it feeds and the linear map between them (empty, or the online Hadamard of --rotate)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ class GatedMlp:
     act: str  # the tensor multiplying up's output elementwise, [..., d_ff]
     product: str  # act * up, [..., d_ff]
     down_input: str  # what the down projection reads: the product, or its online rotation
+    path: list[onnx.NodeProto] = field(default_factory=list, repr=False)  # nodes from product to down_input
 
 
 def gated_mlps(model: onnx.ModelProto) -> list[GatedMlp]:
@@ -47,25 +48,27 @@ def gated_mlps(model: onnx.ModelProto) -> list[GatedMlp]:
         if g.is_const(act) or act == out:
             continue
         down = _down_input(g, mul.output[0], reader)
-        if down is not None and reader[down].node != node:
-            found.append(GatedMlp(block_index(node), node, reader[down].node, act, mul.output[0], down))
+        if down is not None and reader[down[0]].node != node:
+            found.append(GatedMlp(block_index(node), node, reader[down[0]].node, act, mul.output[0], *down))
     return found
 
 
-def _down_input(g: GraphIndex, product: str, reader: dict) -> str | None:
-    """The input tensor of the one linear layer `product` reaches through reshapes / constant MatMuls, or None."""
-    seen, t = set(), product
+def _down_input(g: GraphIndex, product: str, reader: dict) -> tuple[str, list[onnx.NodeProto]] | None:
+    """(input tensor of the one linear layer `product` reaches through reshapes / constant MatMuls, the nodes on the
+    way including the Shape reads that feed them), or None."""
+    path, t = [], product
     for _ in range(16):
         if t in reader:
-            return t
+            return t, path
+        shapes = [n for n in g.consumers.get(t, []) if n.op_type == "Shape"]
         data = [n for n in g.consumers.get(t, []) if n.op_type != "Shape"]
-        if len(data) != 1 or data[0].op_type not in _PATH_OPS or id(data[0]) in seen:
+        if len(data) != 1 or data[0].op_type not in _PATH_OPS or any(n is data[0] for n in path):
             return None
         n = data[0]
-        seen.add(id(n))
         if n.op_type == "MatMul" and not (n.input[0] == t and g.is_const(n.input[1])) and not (
                 n.input[1] == t and g.is_const(n.input[0])):
             return None
+        path += [*shapes, n]
         t = n.output[0]
     return None
 
@@ -75,19 +78,12 @@ def product_map(model: onnx.ModelProto, mlp: GatedMlp, d_ff: int, read) -> np.nd
     the nodes between them run in ONNX Runtime on an identity batch. `read(tensor_proto)` gives initializer data."""
     import onnxruntime as ort
 
-    if mlp.down_input == mlp.product:
+    if not mlp.path:
         return None
-    g = GraphIndex(model)
-    nodes, t = [], mlp.product
-    while t != mlp.down_input:  # the chain _down_input walked, plus the shape reads that feed it
-        nodes += [n for n in g.consumers.get(t, []) if n.op_type == "Shape"]
-        n = next(n for n in g.consumers[t] if n.op_type != "Shape")
-        nodes.append(n)
-        t = n.output[0]
-    consts = {i for n in nodes for i in n.input if i in g.inits}
+    consts = {i for n in mlp.path for i in n.input}
     inits = [numpy_helper.from_array(np.asarray(read(x)), x.name) for x in model.graph.initializer if x.name in consts]
     piece = helper.make_model(
-        helper.make_graph(nodes, "product_map", [helper.make_tensor_value_info(mlp.product, onnx.TensorProto.FLOAT, [1, d_ff, d_ff])],
+        helper.make_graph(mlp.path, "product_map", [helper.make_tensor_value_info(mlp.product, onnx.TensorProto.FLOAT, [1, d_ff, d_ff])],
                           [helper.make_tensor_value_info(mlp.down_input, onnx.TensorProto.FLOAT, None)], inits),
         opset_imports=list(model.opset_import))
     piece.ir_version = model.ir_version

@@ -169,12 +169,13 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
         if dXXt is not None and mean_fp is not None:
             dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
     turbo = recipe.algo == "turboboa"
+    coupled = layer.node in stats.up_rows  # filled for TurboBoA's --up-row-factor only
     H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised
     if recipe.algo == "rtn":
         res = solve_rtn(W, spec, grid=recipe.grid, H=H)
     elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
         res = _gptq(W, H, spec, recipe, grid=recipe.grid if recipe.algo == "gptq" else "hessian")
-    elif recipe.algo == "turboboa" and layer.node in stats.up_rows:
+    elif coupled:
         H_out = stats.up_rows[layer.node].to(W.device)  # one head of d_ff rows, grid searched once
         res, target = solve_turboboa(W, H, H_out, spec, n_heads=1, rows_per_block=UP_ROWS_PER_BLOCK, damp=recipe.damp,
                                      dXXt=dXXt, alpha=recipe.alpha, refine=False, act_order=recipe.act_order,
@@ -204,7 +205,6 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
                 W, H_in, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
                 dXXt=d_in, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
             )
-    coupled = H_out is not None and layer.node in stats.up_rows
     if recipe.refine_scales and role != "v" and not coupled:
         rows = H_out if role in ("q", "k") and recipe.algo in ("boa", "turboboa") else None
         res = refine_group_scales(

@@ -35,18 +35,17 @@ class Heads:
         """Group grids of rows X [h, k, n] (act-order columns), groups in original column order."""
         return find_grid(self.orig_cols(X), spec, kind, self.Hg)
 
+    def orig_rows(self, X: Tensor) -> Tensor:
+        return X if self.rperm is None else _rows(X, torch.argsort(self.rperm, 1))
+
     def finish(self, codes: Tensor, S: Tensor, Z: Tensor, spec: QuantSpec) -> QuantResult:
         """Undo the permutations and return the [h*d_h, n] result."""
-        codes = self.orig_cols(codes)
-        if self.rperm is not None:
-            inv = torch.argsort(self.rperm, 1)
-            codes, S, Z = _rows(codes, inv), _rows(S, inv), _rows(Z, inv)
+        codes, S, Z = self.orig_rows(self.orig_cols(codes)), self.orig_rows(S), self.orig_rows(Z)
         return make_result(codes.flatten(0, 1), S.flatten(0, 1), Z.flatten(0, 1), spec)
 
     def original_order(self, X: Tensor) -> Tensor:
         """[h, d_h, n] in act-order -> [h*d_h, n] in the original row and column order."""
-        X = self.orig_cols(X)
-        return (X if self.rperm is None else _rows(X, torch.argsort(self.rperm, 1))).flatten(0, 1)
+        return self.orig_rows(self.orig_cols(X)).flatten(0, 1)
 
 
 def setup_heads(
