@@ -54,6 +54,11 @@ class GraphIndex:
             for t in n.input:
                 self.consumers.setdefault(t, []).append(n)
 
+    def layer_outputs(self, layers: list[LinearLayer]) -> dict[str, LinearLayer]:
+        """Output tensor -> linear layer, for the nodes that are `layers`."""
+        by_node = {l.node: l for l in layers}
+        return {n.output[0]: by_node[n.name or n.output[0]] for n in self.nodes if (n.name or n.output[0]) in by_node}
+
     def is_const(self, t: str) -> bool:
         p = self.producer.get(t)
         return t in self.inits or (p is not None and p.op_type == "Constant")
@@ -133,11 +138,7 @@ class GraphIndex:
 def attention_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
     """Every attention subgraph of the model, in graph order (unfused softmax attention and fused ops)."""
     g = GraphIndex(model)
-    layers = {l.node: l for l in linear_layers(model)}
-    by_output = {}
-    for n in g.nodes:
-        if (n.name or n.output[0]) in layers:
-            by_output[n.output[0]] = layers[n.name or n.output[0]]
+    by_output = g.layer_outputs(linear_layers(model))
     is_linear = lambda n: n.output[0] in by_output  # noqa: E731
     head_dims = _static_last_dims(model)
     found = []

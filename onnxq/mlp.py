@@ -32,14 +32,10 @@ def gated_mlps(model: onnx.ModelProto) -> list[GatedMlp]:
     one other linear layer (through reshapes and constant MatMuls only): the up projections of gated MLPs."""
     g = GraphIndex(model)
     layers = [l for l in linear_layers(model) if l.role != "rotation"]  # --rotate's online Hadamards are path
-    by_output = {}
-    names = {l.node for l in layers}
-    for n in g.nodes:
-        if (n.name or n.output[0]) in names:
-            by_output[n.output[0]] = n.name or n.output[0]
     reader = {l.input: l for l in layers}
     found = []
-    for out, node in by_output.items():
+    for out, layer in g.layer_outputs(layers).items():
+        node = layer.node
         uses = g.consumers.get(out, [])
         if len(uses) != 1 or uses[0].op_type != "Mul" or len(uses[0].input) != 2:
             continue
