@@ -70,6 +70,8 @@ def quantize(
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
     refine_codes: int = typer.Option(0, help="sweeps of coordinate descent on the integer codes after the solve "
                                      "(grids fixed; each sweep never raises the layer objective)"),
+    block_tune: int = typer.Option(0, help="epochs of Adam on each block's group scales (and float zero points), codes "
+                                   "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
     v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),
     up_row_factor: bool = typer.Option(False, help="turboboa: couple each gated MLP's up_proj rows through the down "
@@ -107,7 +109,7 @@ def quantize(
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, v_int_zero=v_int_zero, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, refine_codes=refine_codes, true_sequential=true_sequential, v_row_factor=v_row_factor,
+        refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, true_sequential=true_sequential, v_row_factor=v_row_factor,
         up_row_factor=up_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,

@@ -20,10 +20,12 @@ from .io import read_array
 from .recipe import QuantRecipe
 from .attention import attention_blocks
 from .attention_stats import AttentionStats
+from .block_tune import tune_block
 from .mlp import GatedMlp, gated_mlps, product_map
 from .solve import BlockStats, solve_block, solve_layer
-from .solvers import QuantResult, up_row_hessian, value_row_hessian
+from .solvers import QuantResult, centered_hessian, layer_loss, up_row_hessian, value_row_hessian
 from .stats import Covariance
+from .torch_graph import TorchGraph
 
 
 @dataclass
@@ -151,6 +153,7 @@ def quantize(
         "act_order": recipe.act_order,
         "refine_scales": recipe.refine_scales,
         "refine_codes": recipe.refine_codes,
+        "block_tune": recipe.block_tune,
         "true_sequential": recipe.true_sequential,
         "v_row_factor": recipe.v_row_factor,
         "float_zero": recipe.float_zero,
@@ -231,9 +234,10 @@ def _blockwise(
         recollected = {todo[0].input} if todo else set()
         solved.calib_s += time.perf_counter() - tc
         ts = time.perf_counter()
-        fake, fake_bias = {}, {}
+        fake, fake_bias, full = {}, {}, {}
 
         def keep(l: LinearLayer, res: QuantResult, loss: float) -> None:
+            full[l.node] = res
             solved.results[l.node] = _compact(res)
             solved.losses[l.node] = loss
             fake[l.weight] = res.qweight.T.cpu().numpy()
@@ -256,6 +260,9 @@ def _blockwise(
             bar.set_postfix_str(f"solving {len(todo)} layers")
             for l, (res, loss) in zip(todo, solve_block(todo, [read(l).to(recipe.device) for l in todo], stats, recipe)):
                 keep(l, res, loss)
+        if recipe.block_tune and todo:
+            bar.set_postfix_str("block tuning")
+            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias)
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake, biases=fake_bias):
@@ -264,8 +271,24 @@ def _blockwise(
             for _ in runner.run(b, envs_fp):
                 pass  # _collect left the float stream at this block's inputs for the re-collections
         solved.calib_s += time.perf_counter() - tc
-        del stats, fake, fake_bias
+        del stats, fake, fake_bias, full
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
+
+
+def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats: BlockStats, recipe: QuantRecipe,
+                read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray]) -> None:
+    """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
+    inputs); keeps the tuned results with their layer losses."""
+    graph = TorchGraph(runner.piece(b, biases))
+    reference = TorchGraph(runner.piece(b)) if biases else None  # the float block has no mean-correcting biases
+    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    tuned, _, _ = tune_block(graph, feeds, {l.weight: full[l.node] for l in todo}, reference=reference,
+                             epochs=recipe.block_tune, seed=recipe.seed)
+    for l in todo:
+        res, cov = tuned[l.weight], stats.cov[l.input]
+        H = cov.hessian().to(res.qweight.device)
+        H = centered_hessian(H, cov.mean().to(H.device)) if recipe.bias_correction else H
+        keep(l, res, float(layer_loss(read(l).to(H.device), res.qweight, H)))
 
 
 def _collect(

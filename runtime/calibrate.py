@@ -79,6 +79,11 @@ class BlockRunner:
                 for k in [k for k in env if k not in keep]:
                     del env[k]
 
+    def piece(self, index: int, biases: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """Block `index` as a standalone model with its float weights (plus output `biases` after the named nodes)."""
+        piece = self._piece(self.blocks[index])
+        return add_output_bias(piece, {k: np.asarray(v, np.float32) for k, v in biases.items()}) if biases else piece
+
     def _live_after(self, index: int) -> set[str]:
         """Tensors read by any block after `index` (the head is not run during calibration)."""
         live: set[str] = set()

@@ -1,0 +1,104 @@
+"""The torch block evaluator against ONNX Runtime, and block-output tuning (`--block-tune`)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from onnxq.analysis import linear_layers, partition
+from onnxq.block_tune import tune_block
+from onnxq.errors import OnnxqError
+from onnxq.io import load_model
+from onnxq.passes.normalize import normalize
+from onnxq.pipeline import quantize
+from onnxq.recipe import QuantRecipe
+from onnxq.runtime.calibrate import BlockRunner
+from onnxq.solvers import QuantSpec, solve_rtn
+from onnxq.torch_graph import TorchGraph
+from tests.tiny import matmul_model, tiny_gpt2_onnx, tiny_llama_onnx
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama_onnx(tmp_path_factory.mktemp("tune"), layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128)
+
+
+@pytest.fixture(scope="module")
+def block1(llama):
+    """Block 1 of the tiny Llama: its runner, the quantized-stream feeds at its inputs, and its linear layers."""
+    proto = normalize(load_model(llama))
+    runner = BlockRunner(proto, partition(proto))
+    rng = np.random.default_rng(0)
+    envs = runner.start([rng.integers(0, 256, size=(2, 24)).astype(np.int64) for _ in range(3)])
+    for _ in runner.run(0, envs):
+        pass
+    layers = [l for l in linear_layers(proto) if l.block == 1]
+    return runner, envs, layers
+
+
+@pytest.mark.parametrize("export", [tiny_llama_onnx, tiny_gpt2_onnx])
+def test_torch_graph_matches_onnx_runtime_on_a_block(export, tmp_path):
+    """Every op of an exported Llama (RoPE, GQA expand, causal mask, RMSNorm, SiLU) and GPT-2 (fused QKV Split, tanh
+    GELU, LayerNorm) block evaluates in torch to within float32 rounding of ORT."""
+    proto = normalize(load_model(export(tmp_path)))
+    runner = BlockRunner(proto, partition(proto))
+    envs = runner.start([np.random.default_rng(0).integers(0, 256, size=(2, 24)).astype(np.int64)])
+    for _ in runner.run(0, envs):
+        pass
+    graph, sub = TorchGraph(runner.piece(1)), runner.blocks[1]
+    want = next(runner.run(1, [dict(envs[0])], capture=sub.outputs, advance=False))
+    got = graph({k: envs[0][k] for k in graph.inputs})
+    for name, out in zip(sub.outputs, got):
+        assert np.abs(out.numpy() - want[name]).max() <= 1e-4 * np.abs(want[name]).max()
+
+
+def test_torch_graph_refuses_an_unknown_op():
+    model = matmul_model()
+    model.graph.node[1].op_type = "Celu"
+    with pytest.raises(OnnxqError, match="does not know op.*Celu"):
+        TorchGraph(model)
+
+
+def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
+    """On block 1 at W2 (float zero points), tuning lowers the mean squared error of the block's output against the
+    float block on the same inputs; codes stay, scales and zero points move; a loss that cannot fall returns the
+    results unchanged."""
+    runner, envs, layers = block1
+    graph = TorchGraph(runner.piece(1))
+    init = {t.name: t for t in runner.piece(1).graph.initializer}
+    spec = QuantSpec(bits=2, group_size=32, sym=False, float_zero=True)
+    results = {l.weight: solve_rtn(torch.from_numpy(numpy_helper.to_array(init[l.weight]).T.copy()), spec) for l in layers}
+    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    tuned, before, after = tune_block(graph, feeds, results, epochs=20, lr=1e-2)
+    assert after < 0.9 * before
+    for name, r in results.items():
+        assert torch.equal(tuned[name].codes, r.codes)
+        assert not torch.equal(tuned[name].scales, r.scales)
+    same, b2, a2 = tune_block(graph, feeds, results, epochs=0)
+    assert a2 == b2 and all(same[n] is results[n] for n in results)
+
+
+def test_block_tune_runs_in_the_pipeline(llama, tmp_path):
+    """`block_tune` on a TurboBoA run: the file records it, block 0's codes are the untuned run's, its scales are
+    not; refused for RTN and negative epochs."""
+    windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
+
+    def run(epochs):
+        out = tmp_path / f"tune-{epochs}.onnx"
+        quantize(llama, QuantRecipe(algo="turboboa", bits=2, group_size=32, format="qdq", block_tune=epochs,
+                                    rows_per_block=4), out, windows=windows, progress=False)
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}, onnx.load(out)
+
+    (a, _), (b, model) = run(0), run(3)
+    assert {p.key: p.value for p in model.metadata_props}["onnxq.block_tune"] == "3"
+    codes = [k for k in a if "layers.0/" in k and k.endswith("weight_q")]
+    scales = [k for k in a if "layers.0/" in k and k.endswith("weight_scale")]
+    assert len(codes) == 7 and len(scales) == 7
+    assert all(np.array_equal(a[k], b[k]) for k in codes)
+    assert any(not np.array_equal(a[k], b[k]) for k in scales)
+    with pytest.raises(OnnxqError, match="--block-tune"):
+        QuantRecipe(algo="rtn", block_tune=2).validate()
+    with pytest.raises(OnnxqError, match="--block-tune"):
+        QuantRecipe(block_tune=-1).validate()
