@@ -55,7 +55,7 @@ def tune_block(graph: TorchGraph, feeds: list[dict[str, np.ndarray]], results: d
         return results, before, before
     out = {}
     for name, r in results.items():
-        C, _, S, Z = fixed[name]
+        _, _, S, Z = fixed[name]
         with torch.no_grad():
             out[name] = replace(make_result(r.codes, S * (1 + rel[name]), Z + shift[name], r.spec), bias=r.bias)
     return out, before, after

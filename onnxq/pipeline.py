@@ -22,8 +22,8 @@ from .attention import attention_blocks
 from .attention_stats import AttentionStats
 from .block_tune import tune_block
 from .mlp import GatedMlp, gated_mlps, product_map
-from .solve import BlockStats, solve_block, solve_layer
-from .solvers import QuantResult, centered_hessian, layer_loss, up_row_hessian, value_row_hessian
+from .solve import BlockStats, loss_hessian, solve_block, solve_layer
+from .solvers import QuantResult, layer_loss, up_row_hessian, value_row_hessian
 from .stats import Covariance
 from .torch_graph import TorchGraph
 
@@ -279,15 +279,17 @@ def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats
                 read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray]) -> None:
     """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
     inputs); keeps the tuned results with their layer losses."""
-    graph = TorchGraph(runner.piece(b, biases))
-    reference = TorchGraph(runner.piece(b)) if biases else None  # the float block has no mean-correcting biases
+    from .runtime.calibrate import with_output_bias
+
+    piece = runner.piece(b)
+    reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies the weights)
+    graph = TorchGraph(with_output_bias(piece, biases)) if biases else reference
     feeds = [{k: env[k] for k in graph.inputs} for env in envs]
     tuned, _, _ = tune_block(graph, feeds, {l.weight: full[l.node] for l in todo}, reference=reference,
                              epochs=recipe.block_tune, seed=recipe.seed)
     for l in todo:
-        res, cov = tuned[l.weight], stats.cov[l.input]
-        H = cov.hessian().to(res.qweight.device)
-        H = centered_hessian(H, cov.mean().to(H.device)) if recipe.bias_correction else H
+        res = tuned[l.weight]
+        H = loss_hessian(stats.cov[l.input], recipe, res.qweight.device)
         keep(l, res, float(layer_loss(read(l).to(H.device), res.qweight, H)))
 
 

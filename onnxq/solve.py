@@ -153,6 +153,13 @@ def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, r
             raise OnnxqError(f"layer {layer.node}: {err}") from None
 
 
+def loss_hessian(cov: Covariance, recipe: QuantRecipe, device: torch.device) -> torch.Tensor:
+    """The input Hessian a layer's loss tr(ΔW H ΔWᵀ) is measured under: centred where the recipe adds a
+    mean-correcting output bias."""
+    H = cov.hessian().to(device)
+    return centered_hessian(H, cov.mean().to(device)) if recipe.bias_correction else H
+
+
 def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
     role, att = stats.attention.get(layer.node, (None, None)) if stats else (None, None)
     int_zero = recipe.v_int_zero and (role == "v" or layer.role == "v_proj")
@@ -160,14 +167,12 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
     cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
         return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")
-    H = cov.hessian().to(W.device)
+    H = loss_hessian(cov, recipe, W.device)  # the output bias absorbs the mean error: solve on centred statistics
     dXXt = cov.residual()
     dXXt = None if dXXt is None else dXXt.to(W.device)
     mean, mean_fp = cov.mean().to(W.device), cov.mean_fp()
-    if recipe.bias_correction:  # the output bias absorbs the mean error: solve on centred statistics
-        H = centered_hessian(H, mean)
-        if dXXt is not None and mean_fp is not None:
-            dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
+    if recipe.bias_correction and dXXt is not None and mean_fp is not None:
+        dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
     turbo = recipe.algo == "turboboa"
     coupled = layer.node in stats.up_rows  # filled for TurboBoA's --up-row-factor only
     H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised

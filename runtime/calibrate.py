@@ -65,7 +65,7 @@ class BlockRunner:
         extra = [c for c in capture if c not in sub.inputs]
         piece = self._piece(sub, extra=extra, weights=protos)
         if biases:
-            piece = add_output_bias(piece, {k: np.asarray(v, np.float32) for k, v in biases.items()})
+            piece = with_output_bias(piece, biases)
         session = make_session(piece, self.ep, threads=self.threads)
         names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
         keep = self._live_after(index) | set(sub.outputs)
@@ -79,10 +79,9 @@ class BlockRunner:
                 for k in [k for k in env if k not in keep]:
                     del env[k]
 
-    def piece(self, index: int, biases: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-        """Block `index` as a standalone model with its float weights (plus output `biases` after the named nodes)."""
-        piece = self._piece(self.blocks[index])
-        return add_output_bias(piece, {k: np.asarray(v, np.float32) for k, v in biases.items()}) if biases else piece
+    def piece(self, index: int) -> onnx.ModelProto:
+        """Block `index` as a standalone model with its float weights."""
+        return self._piece(self.blocks[index])
 
     def _live_after(self, index: int) -> set[str]:
         """Tensors read by any block after `index` (the head is not run during calibration)."""
@@ -100,6 +99,11 @@ class BlockRunner:
         if self.folder is not None:  # only this piece's weights are read into memory
             load_tensor_data(piece.graph.initializer, self.folder)
         return piece
+
+
+def with_output_bias(piece: onnx.ModelProto, biases: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`piece` with float32 output `biases` (node name -> [N]) added after the named nodes, in place."""
+    return add_output_bias(piece, {k: np.asarray(v, np.float32) for k, v in biases.items()})
 
 
 def _run(session, names: list[str], feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:

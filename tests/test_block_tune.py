@@ -81,14 +81,14 @@ def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
 
 
 def test_block_tune_runs_in_the_pipeline(llama, tmp_path):
-    """`block_tune` on a TurboBoA run: the file records it, block 0's codes are the untuned run's, its scales are
+    """`block_tune` on a TurboBoA run with output biases (tuned with them, targets without): the file records it, block 0's codes are the untuned run's, its scales are
     not; refused for RTN and negative epochs."""
     windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
 
     def run(epochs):
         out = tmp_path / f"tune-{epochs}.onnx"
         quantize(llama, QuantRecipe(algo="turboboa", bits=2, group_size=32, format="qdq", block_tune=epochs,
-                                    rows_per_block=4), out, windows=windows, progress=False)
+                                    bias_correction=True, rows_per_block=4), out, windows=windows, progress=False)
         return {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}, onnx.load(out)
 
     (a, _), (b, model) = run(0), run(3)
