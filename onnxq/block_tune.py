@@ -14,15 +14,19 @@ from .torch_graph import TorchGraph
 
 
 def tune_block(graph: TorchGraph, feeds: list[dict[str, np.ndarray]], results: dict[str, QuantResult], *,
-               epochs: int, reference: TorchGraph | None = None, lr: float = 2e-3,
-               seed: int = 0) -> tuple[dict[str, QuantResult], float, float]:
+               epochs: int, reference: TorchGraph | None = None, float_outputs: list[list] | None = None,
+               alpha: float = 0.0, lr: float = 2e-3, seed: int = 0) -> tuple[dict[str, QuantResult], float, float]:
     """`results` maps weight initializer name -> QuantResult of W [d_out, d_in] (the initializer holds Wᵀ); the
-    targets are `reference` (default: `graph` with its own float initializers) on the same feeds.
+    targets are `reference` (default: `graph` with its own float initializers) on the same feeds, blended with
+    weight `alpha` toward `float_outputs` (per feed, the float model's outputs of this block on its own inputs).
 
     Returns the tuned results with the calibration loss (mean squared output error over `feeds`) before and after;
     the results come back unchanged where tuning did not lower that loss."""
     with torch.no_grad():
         targets = [(reference or graph)(f) for f in feeds]
+        if alpha:
+            targets = [[(1 - alpha) * t + alpha * torch.as_tensor(u, dtype=t.dtype) for t, u in zip(ts, us)]
+                       for ts, us in zip(targets, float_outputs)]
     fixed = {name: (r.codes.float(), group_index(r.codes.shape[1], r.spec), r.scales.float(), r.zeros.float())
              for name, r in results.items()}
     rel = {name: torch.zeros_like(r.scales, dtype=torch.float32, requires_grad=True) for name, r in results.items()}

@@ -72,6 +72,8 @@ def quantize(
                                      "(grids fixed; each sweep never raises the layer objective)"),
     block_tune: int = typer.Option(0, help="epochs of Adam on each block's group scales (and float zero points), codes "
                                    "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
+    block_tune_alpha: float = typer.Option(0.0, help="weight of the float model's block output (float inputs) in the "
+                                         "--block-tune target; the rest is the float block on the quantized inputs"),
     v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),
     up_row_factor: bool = typer.Option(False, help="turboboa: couple each gated MLP's up_proj rows through the down "
@@ -109,7 +111,7 @@ def quantize(
         group = support(target).block_size if default("group") else group
     recipe = QuantRecipe(
         algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, v_int_zero=v_int_zero, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, true_sequential=true_sequential, v_row_factor=v_row_factor,
+        refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, block_tune_alpha=block_tune_alpha, true_sequential=true_sequential, v_row_factor=v_row_factor,
         up_row_factor=up_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
         accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,

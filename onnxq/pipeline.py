@@ -154,6 +154,7 @@ def quantize(
         "refine_scales": recipe.refine_scales,
         "refine_codes": recipe.refine_codes,
         "block_tune": recipe.block_tune,
+        "block_tune_alpha": recipe.block_tune_alpha,
         "true_sequential": recipe.true_sequential,
         "v_row_factor": recipe.v_row_factor,
         "float_zero": recipe.float_zero,
@@ -219,14 +220,16 @@ def _blockwise(
         for m in gated_mlps(proto):
             mlp_by_block.setdefault(m.block, []).append(m)
     envs = runner.start(batches)
-    envs_fp = [dict(e) for e in envs] if need_fp else None
+    envs_fp = [dict(e) for e in envs] if need_fp or recipe.block_tune_alpha else None
+    fp_at_inputs = envs_fp is not None and (recipe.true_sequential or not need_fp)  # else _collect advances it
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
     for b in bar:
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
         mlps = [m for m in mlp_by_block.get(b, []) if m.up in {l.node for l in todo}]
-        stats = _collect(runner, b, todo, envs, envs_fp, attn_by_block.get(b, []), recipe, mlps=mlps)
+        stats = _collect(runner, b, todo, envs, envs_fp if need_fp else None, attn_by_block.get(b, []), recipe,
+                         mlps=mlps)
         if recipe.v_row_factor:
             stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
         if mlps:
@@ -249,7 +252,8 @@ def _blockwise(
                 bar.set_postfix_str(l.role)
                 if fake and l.input not in recollected:
                     tc = time.perf_counter()
-                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp, [], recipe, weights=fake,
+                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp if need_fp else None, [], recipe,
+                                                  weights=fake,
                                                   biases=fake_bias).cov[l.input]
                     recollected.add(l.input)
                     spent = time.perf_counter() - tc
@@ -262,30 +266,39 @@ def _blockwise(
                 keep(l, res, loss)
         if recipe.block_tune and todo:
             bar.set_postfix_str("block tuning")
-            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias)
+            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias,
+                        envs_fp if recipe.block_tune_alpha else None, fp_at_inputs)
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake, biases=fake_bias):
             pass  # advance the quantized stream through the now-quantized block
-        if recipe.true_sequential and envs_fp is not None:
+        if fp_at_inputs:
             for _ in runner.run(b, envs_fp):
-                pass  # _collect left the float stream at this block's inputs for the re-collections
+                pass  # the float stream stayed at this block's inputs (re-collections, tuning targets)
         solved.calib_s += time.perf_counter() - tc
         del stats, fake, fake_bias, full
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
 
 
 def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats: BlockStats, recipe: QuantRecipe,
-                read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray]) -> None:
+                read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray],
+                envs_fp=None, fp_at_inputs: bool = True) -> None:
     """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
-    inputs); keeps the tuned results with their layer losses."""
+    inputs, blended by `block_tune_alpha` toward the float stream `envs_fp`, which sits at this block's inputs or,
+    unless `fp_at_inputs`, already at its outputs); keeps the tuned results with their layer losses."""
     from .runtime.calibrate import with_output_bias
 
     piece = runner.piece(b)
     reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies the weights)
     graph = TorchGraph(with_output_bias(piece, biases)) if biases else reference
     feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    float_outputs = None
+    if envs_fp is not None:
+        with torch.no_grad():
+            float_outputs = [reference({k: env[k] for k in graph.inputs}) if fp_at_inputs else
+                             [env[k] for k in graph.outputs] for env in envs_fp]
     tuned, _, _ = tune_block(graph, feeds, {l.weight: full[l.node] for l in todo}, reference=reference,
+                             float_outputs=float_outputs, alpha=recipe.block_tune_alpha,
                              epochs=recipe.block_tune, seed=recipe.seed)
     for l in todo:
         res = tuned[l.weight]

@@ -80,6 +80,52 @@ def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
     assert a2 == b2 and all(same[n] is results[n] for n in results)
 
 
+def test_tune_block_blends_the_float_stream_into_its_target(block1):
+    """With `alpha`, the target is (1 - alpha) * float block on the feeds + alpha * the given float-stream outputs: the
+    loss before tuning is the mean squared error against that blend, and tuning toward it lowers it."""
+    runner, envs, layers = block1
+    graph = TorchGraph(runner.piece(1))
+    init = {t.name: t for t in runner.piece(1).graph.initializer}
+    spec = QuantSpec(bits=2, group_size=32, sym=False, float_zero=True)
+    results = {l.weight: solve_rtn(torch.from_numpy(numpy_helper.to_array(init[l.weight]).T.copy()), spec) for l in layers}
+    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    rng = np.random.default_rng(2)
+    float_outputs = [[o.numpy() + rng.normal(0, 0.5, o.shape).astype(np.float32) for o in graph(f)] for f in feeds]
+    alpha = 0.75
+    _, before, _ = tune_block(graph, feeds, results, epochs=0, float_outputs=float_outputs, alpha=alpha)
+    fake = {n: (r.qweight.T).float() for n, r in results.items()}
+    with torch.no_grad():
+        want = np.mean([np.mean([(((1 - alpha) * t.numpy() + alpha * u - q.numpy()) ** 2).mean()
+                                 for t, u, q in zip(graph(f), us, graph(f, fake))]) for f, us in zip(feeds, float_outputs)])
+    assert before == pytest.approx(want, rel=1e-5)
+    blended, b1, a1 = tune_block(graph, feeds, results, epochs=20, lr=1e-2, float_outputs=float_outputs, alpha=alpha)
+    plain, _, _ = tune_block(graph, feeds, results, epochs=20, lr=1e-2)
+    assert a1 < b1
+    assert any(not torch.equal(blended[n].scales, plain[n].scales) for n in results)
+
+
+@pytest.mark.parametrize("algo", ["gptq", "turboboa"])
+def test_block_tune_alpha_runs_in_the_pipeline(llama, tmp_path, algo):
+    """`block_tune_alpha` with a float stream kept for tuning only (GPTQ) and with TurboBoA's own (already advanced
+    past the block when the target is read): recorded in the file, and the scales differ from alpha 0; refused
+    without --block-tune or outside [0, 1]."""
+    windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
+
+    def run(alpha):
+        out = tmp_path / f"alpha-{algo}-{alpha}.onnx"
+        quantize(llama, QuantRecipe(algo=algo, bits=2, group_size=32, format="qdq", block_tune=3, block_tune_alpha=alpha,
+                                    rows_per_block=4), out, windows=windows, progress=False)
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(out).graph.initializer}, onnx.load(out)
+
+    (a, _), (b, model) = run(0.0), run(1.0)
+    assert {p.key: p.value for p in model.metadata_props}["onnxq.block_tune_alpha"] == "1.0"
+    scales = [k for k in a if k.endswith("weight_scale")]
+    assert any(not np.array_equal(a[k], b[k]) for k in scales)
+    for bad in (dict(block_tune_alpha=0.5), dict(block_tune=2, block_tune_alpha=1.5)):
+        with pytest.raises(OnnxqError, match="--block-tune-alpha"):
+            QuantRecipe(algo="gptq", **bad).validate()
+
+
 def test_block_tune_runs_in_the_pipeline(llama, tmp_path):
     """`block_tune` on a TurboBoA run with output biases (tuned with them, targets without): the file records it, block 0's codes are the untuned run's, its scales are
     not; refused for RTN and negative epochs."""
