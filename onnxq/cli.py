@@ -72,7 +72,7 @@ def quantize(
                                      "(grids fixed; each sweep never raises the layer objective)"),
     block_tune: int = typer.Option(0, help="epochs of Adam on each block's group scales (and float zero points), codes "
                                    "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
-    block_tune_alpha: float = typer.Option(0.0, help="weight of the float model's block output (float inputs) in the "
+    block_tune_alpha: float = typer.Option(0.5, help="weight of the float model's block output (float inputs) in the "
                                          "--block-tune target; the rest is the float block on the quantized inputs"),
     v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
                                       "W_O,hᵀW_O,h) instead of treating them as independent"),

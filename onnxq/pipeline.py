@@ -220,7 +220,8 @@ def _blockwise(
         for m in gated_mlps(proto):
             mlp_by_block.setdefault(m.block, []).append(m)
     envs = runner.start(batches)
-    envs_fp = [dict(e) for e in envs] if need_fp or recipe.block_tune_alpha else None
+    tune_fp = recipe.block_tune > 0 and recipe.block_tune_alpha > 0
+    envs_fp = [dict(e) for e in envs] if need_fp or tune_fp else None
     fp_at_inputs = envs_fp is not None and (recipe.true_sequential or not need_fp)  # else _collect advances it
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
@@ -267,7 +268,7 @@ def _blockwise(
         if recipe.block_tune and todo:
             bar.set_postfix_str("block tuning")
             _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias,
-                        envs_fp if recipe.block_tune_alpha else None, fp_at_inputs)
+                        envs_fp if tune_fp else None, fp_at_inputs)
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake, biases=fake_bias):

@@ -108,7 +108,7 @@ def test_tune_block_blends_the_float_stream_into_its_target(block1):
 def test_block_tune_alpha_runs_in_the_pipeline(llama, tmp_path, algo):
     """`block_tune_alpha` with a float stream kept for tuning only (GPTQ) and with TurboBoA's own (already advanced
     past the block when the target is read): recorded in the file, and the scales differ from alpha 0; refused
-    without --block-tune or outside [0, 1]."""
+    outside [0, 1]."""
     windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
 
     def run(alpha):
@@ -121,9 +121,9 @@ def test_block_tune_alpha_runs_in_the_pipeline(llama, tmp_path, algo):
     assert {p.key: p.value for p in model.metadata_props}["onnxq.block_tune_alpha"] == "1.0"
     scales = [k for k in a if k.endswith("weight_scale")]
     assert any(not np.array_equal(a[k], b[k]) for k in scales)
-    for bad in (dict(block_tune_alpha=0.5), dict(block_tune=2, block_tune_alpha=1.5)):
+    for bad in (-0.1, 1.5):
         with pytest.raises(OnnxqError, match="--block-tune-alpha"):
-            QuantRecipe(algo="gptq", **bad).validate()
+            QuantRecipe(algo="gptq", block_tune=2, block_tune_alpha=bad).validate()
 
 
 def test_block_tune_runs_in_the_pipeline(llama, tmp_path):
