@@ -61,16 +61,21 @@ def test_torch_graph_refuses_an_unknown_op():
         TorchGraph(model)
 
 
-def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
-    """On block 1 at W2 (float zero points), tuning lowers the mean squared error of the block's output against the
-    float block on the same inputs; codes stay, scales and zero points move; a loss that cannot fall returns the
-    results unchanged."""
+def _rtn_block(block1):
+    """Block 1 as a torch graph, its layers quantized W2 g32 (float zero points) by RTN, and its calibration feeds."""
     runner, envs, layers = block1
     graph = TorchGraph(runner.piece(1))
     init = {t.name: t for t in runner.piece(1).graph.initializer}
     spec = QuantSpec(bits=2, group_size=32, sym=False, float_zero=True)
     results = {l.weight: solve_rtn(torch.from_numpy(numpy_helper.to_array(init[l.weight]).T.copy()), spec) for l in layers}
-    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    return graph, results, [{k: env[k] for k in graph.inputs} for env in envs]
+
+
+def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
+    """On block 1 at W2 (float zero points), tuning lowers the mean squared error of the block's output against the
+    float block on the same inputs; codes stay, scales and zero points move; a loss that cannot fall returns the
+    results unchanged."""
+    graph, results, feeds = _rtn_block(block1)
     tuned, before, after = tune_block(graph, feeds, results, epochs=20, lr=1e-2)
     assert after < 0.9 * before
     for name, r in results.items():
@@ -83,12 +88,7 @@ def test_tune_block_lowers_the_block_output_error_with_codes_fixed(block1):
 def test_tune_block_blends_the_float_stream_into_its_target(block1):
     """With `alpha`, the target is (1 - alpha) * float block on the feeds + alpha * the given float-stream outputs: the
     loss before tuning is the mean squared error against that blend, and tuning toward it lowers it."""
-    runner, envs, layers = block1
-    graph = TorchGraph(runner.piece(1))
-    init = {t.name: t for t in runner.piece(1).graph.initializer}
-    spec = QuantSpec(bits=2, group_size=32, sym=False, float_zero=True)
-    results = {l.weight: solve_rtn(torch.from_numpy(numpy_helper.to_array(init[l.weight]).T.copy()), spec) for l in layers}
-    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
+    graph, results, feeds = _rtn_block(block1)
     rng = np.random.default_rng(2)
     float_outputs = [[o.numpy() + rng.normal(0, 0.5, o.shape).astype(np.float32) for o in graph(f)] for f in feeds]
     alpha = 0.75
