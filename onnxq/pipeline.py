@@ -222,6 +222,7 @@ def _blockwise(
     envs = runner.start(batches)
     tune_fp = recipe.block_tune > 0 and recipe.block_tune_alpha > 0
     envs_fp = [dict(e) for e in envs] if need_fp or tune_fp else None
+    envs_res = envs_fp if need_fp else None  # the float stream of TurboBoA's residual terms
     fp_at_inputs = envs_fp is not None and (recipe.true_sequential or not need_fp)  # else _collect advances it
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
@@ -229,8 +230,7 @@ def _blockwise(
         todo = [l for l in in_blocks if l.block == b]
         tc = time.perf_counter()
         mlps = [m for m in mlp_by_block.get(b, []) if m.up in {l.node for l in todo}]
-        stats = _collect(runner, b, todo, envs, envs_fp if need_fp else None, attn_by_block.get(b, []), recipe,
-                         mlps=mlps)
+        stats = _collect(runner, b, todo, envs, envs_res, attn_by_block.get(b, []), recipe, mlps=mlps)
         if recipe.v_row_factor:
             stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
         if mlps:
@@ -253,8 +253,7 @@ def _blockwise(
                 bar.set_postfix_str(l.role)
                 if fake and l.input not in recollected:
                     tc = time.perf_counter()
-                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_fp if need_fp else None, [], recipe,
-                                                  weights=fake,
+                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_res, [], recipe, weights=fake,
                                                   biases=fake_bias).cov[l.input]
                     recollected.add(l.input)
                     spent = time.perf_counter() - tc
