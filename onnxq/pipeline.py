@@ -220,10 +220,12 @@ def _blockwise(
         for m in gated_mlps(proto):
             mlp_by_block.setdefault(m.block, []).append(m)
     envs = runner.start(batches)
-    tune_fp = recipe.block_tune > 0 and recipe.block_tune_alpha > 0
+    tune_fp = recipe.block_tune > 0 and recipe.block_tune_alpha > 0  # block tuning targets the float stream
     envs_fp = [dict(e) for e in envs] if need_fp or tune_fp else None
     envs_res = envs_fp if need_fp else None  # the float stream of TurboBoA's residual terms
-    fp_at_inputs = envs_fp is not None and (recipe.true_sequential or not need_fp)  # else _collect advances it
+    # _collect advances the float stream past each block, except where only tuning needs it or true-sequential
+    # re-collections need it at the block's inputs: there it advances once the block's layers are solved
+    advance_fp = envs_fp is not None and (recipe.true_sequential or not need_fp)
     n_blocks = len(runner.blocks)
     bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
     for b in bar:
@@ -264,17 +266,20 @@ def _blockwise(
             bar.set_postfix_str(f"solving {len(todo)} layers")
             for l, (res, loss) in zip(todo, solve_block(todo, [read(l).to(recipe.device) for l in todo], stats, recipe)):
                 keep(l, res, loss)
+        if advance_fp:
+            tc = time.perf_counter()
+            for _ in runner.run(b, envs_fp):
+                pass  # the float stream moves to this block's outputs: the tuning targets, the next block's inputs
+            spent = time.perf_counter() - tc
+            ts += spent  # float-stream passes are calibration, not solve time
+            solved.calib_s += spent
         if recipe.block_tune and todo:
             bar.set_postfix_str("block tuning")
-            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias,
-                        envs_fp if tune_fp else None, fp_at_inputs)
+            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias, envs_fp)
         solved.solve_s += time.perf_counter() - ts
         tc = time.perf_counter()
         for _ in runner.run(b, envs, weights=fake, biases=fake_bias):
             pass  # advance the quantized stream through the now-quantized block
-        if fp_at_inputs:
-            for _ in runner.run(b, envs_fp):
-                pass  # the float stream stayed at this block's inputs (re-collections, tuning targets)
         solved.calib_s += time.perf_counter() - tc
         del stats, fake, fake_bias, full
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
@@ -282,21 +287,17 @@ def _blockwise(
 
 def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats: BlockStats, recipe: QuantRecipe,
                 read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray],
-                envs_fp=None, fp_at_inputs: bool = True) -> None:
+                envs_fp) -> None:
     """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
-    inputs, blended by `block_tune_alpha` toward the float stream `envs_fp`, which sits at this block's inputs or,
-    unless `fp_at_inputs`, already at its outputs); keeps the tuned results with their layer losses."""
+    inputs, blended by `block_tune_alpha` toward the float stream `envs_fp`, already at this block's outputs); keeps
+    the tuned results with their layer losses."""
     from .runtime.calibrate import with_output_bias
 
     piece = runner.piece(b)
     reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies the weights)
     graph = TorchGraph(with_output_bias(piece, biases)) if biases else reference
     feeds = [{k: env[k] for k in graph.inputs} for env in envs]
-    float_outputs = None
-    if envs_fp is not None:
-        with torch.no_grad():
-            float_outputs = [reference({k: env[k] for k in graph.inputs}) if fp_at_inputs else
-                             [env[k] for k in graph.outputs] for env in envs_fp]
+    float_outputs = [[env[k] for k in graph.outputs] for env in envs_fp] if recipe.block_tune_alpha else None
     tuned, _, _ = tune_block(graph, feeds, {l.weight: full[l.node] for l in todo}, reference=reference,
                              float_outputs=float_outputs, alpha=recipe.block_tune_alpha,
                              epochs=recipe.block_tune, seed=recipe.seed)

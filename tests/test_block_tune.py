@@ -106,8 +106,8 @@ def test_tune_block_blends_the_float_stream_into_its_target(block1):
 
 @pytest.mark.parametrize("algo", ["gptq", "turboboa"])
 def test_block_tune_alpha_runs_in_the_pipeline(llama, tmp_path, algo):
-    """`block_tune_alpha` with a float stream kept for tuning only (GPTQ) and with TurboBoA's own (already advanced
-    past the block when the target is read): recorded in the file, and the scales differ from alpha 0; refused
+    """`block_tune_alpha` with a float stream kept for tuning only (GPTQ) and with TurboBoA's own (advanced by the
+    calibration pass rather than after the solve): recorded in the file, and the scales differ from alpha 0; refused
     outside [0, 1]."""
     windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
 
@@ -127,8 +127,8 @@ def test_block_tune_alpha_runs_in_the_pipeline(llama, tmp_path, algo):
 
 
 def test_block_tune_runs_in_the_pipeline(llama, tmp_path):
-    """`block_tune` on a TurboBoA run with output biases (tuned with them, targets without): the file records it, block 0's codes are the untuned run's, its scales are
-    not; refused for RTN and negative epochs."""
+    """`block_tune` on a TurboBoA run with output biases (tuned with them, targets without): the file records it,
+    block 0's codes are the untuned run's, its scales are not; refused for RTN and negative epochs."""
     windows = np.random.default_rng(1).integers(0, 256, size=(8, 32)).astype(np.int64)
 
     def run(epochs):
