@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from benchmarks.job import first_line
 W = dict(sym=False, format="nbits")
 # bits, group size (-1 = per channel): the settings of issue 8
 SETTINGS = [(8, 128), (4, 32), (4, 64), (4, 128), (3, 128), (2, 64), (2, -1)]
+SCORE_GUESS = 180.0  # seconds to score a full-suite row (PPL, latency, variants) where a results file has no record
 ORT_FAST = ("default", "rtn", "k_quant", "hqq")  # data-free, seconds to minutes
 ONNXQ = [dict(algo="rtn"), dict(algo="gptq"), dict(algo="boa"), dict(algo="turboboa"), dict(algo="gptq", refine_scales=True)]
 
@@ -438,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                     "and write the result under that file's name")
     ap.add_argument("--rerun-busy", action="store_true", help="with --resume: also rerun the rows during which other "
                     f"processes took more than {BUSY_SHARE * 100:.0f}%% of the CPUs, and those measured on another CPU")
+    ap.add_argument("--stop-by", metavar="WHEN", help="start no row that would end after WHEN (HH:MM, its next "
+                    "occurrence, or an ISO date and time): a row is left for --resume once WHEN has passed, or when "
+                    "its time in --estimate-from says it would not finish by then")
+    ap.add_argument("--estimate-from", metavar="JSON", help="with --stop-by: an earlier results file whose rows' "
+                    "times estimate each row's (quantization time × --quant-repeats + its scoring time)")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
     ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
     ap.add_argument("--render", metavar="JSON", help="run nothing: rewrite the .md (and .png, README with "
@@ -462,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             if not torch.cuda.is_available():
                 raise OnnxqError("--device cuda: this torch sees no CUDA device (install a CUDA build of torch, or "
                                  "give --device cpu)")
+        args.stop_by = deadline(args.stop_by) if args.stop_by else None
+        if args.estimate_from and not Path(args.estimate_from).is_file():
+            raise OnnxqError(f"--estimate-from {args.estimate_from}: no such results file (give a <date>-<suite>.json)")
         if args.resume and not Path(args.resume).is_file():
             raise OnnxqError(f"--resume {args.resume}: no such results file (give a <date>-<suite>.json, or no value "
                              "for today's file of the suite)")
@@ -473,6 +483,29 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def deadline(when: str) -> dt.datetime:
+    """--stop-by: HH:MM is its next occurrence (local time); anything else must be an ISO date and time."""
+    from onnxq.errors import OnnxqError
+
+    now = dt.datetime.now()
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", when):
+            t = dt.datetime.combine(now.date(), dt.time.fromisoformat(when.zfill(5)))
+            return t if t > now else t + dt.timedelta(days=1)
+        return dt.datetime.fromisoformat(when)
+    except ValueError as err:
+        raise OnnxqError(f"--stop-by {when}: not a time ({err}); give HH:MM or an ISO date and time") from None
+
+
+def row_estimates(path: str | None, repeats: int) -> dict[str, float]:
+    """Seconds a row is expected to take, by label, from an earlier results file: its quantization time × `repeats`
+    plus its scoring time (SCORE_GUESS where the file did not record one)."""
+    if not path:
+        return {}
+    rows = json.loads(Path(path).read_text())["rows"]
+    return {r["label"]: (r.get("seconds") or 0.0) * repeats + r.get("score_seconds", SCORE_GUESS) for r in rows}
 
 
 def default_device(ep: str) -> str:
@@ -530,6 +563,7 @@ def _run(args) -> int:
             latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
         rows[0]["cpu_share"] = share.shares()
     _print(rows[0])
+    estimate, left = row_estimates(args.estimate_from, args.quant_repeats), []
     wanted = set(opts["variants"])
     picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
     order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite]]  # the file keeps rows --skip leaves out
@@ -541,6 +575,9 @@ def _run(args) -> int:
         if name in done:
             rows.append(done[name])
             continue
+        if args.stop_by and dt.datetime.now() + dt.timedelta(seconds=estimate.get(name, 0.0)) > args.stop_by:
+            left.append(name)
+            continue
         out = work / f"{args.suite}-{i}.onnx"
         row = {"label": name, **cfg, "cpu": cpu}
         share = CpuShare()
@@ -549,6 +586,7 @@ def _run(args) -> int:
             job.update(repeat_job(cfg, model, out, job, args.quant_repeats, calib_npy=calib_npy, ep=args.ep,
                                   device=args.device))
         row.update(job)
+        scored = time.perf_counter()
         if "error" not in job:
             try:
                 score(row, out, windows, args.ep)
@@ -558,12 +596,16 @@ def _run(args) -> int:
                 latency_of(row, out, past, lat, args.ep, args.threads, lat_tokens, args.keep)
                 if name in wanted:
                     extra += variants(row, out, past, windows, lat, args.ep, args.threads, lat_tokens)
+        row["score_seconds"] = round(time.perf_counter() - scored, 1)
         row["cpu_share"] = share.shares()
         rows.append(row)
         _print(row)
         write(stem, head, in_order(rows, before, order), extra)
     write(stem, head, in_order(rows, before, order), extra)
     publish(stem, plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
+    if left:
+        print(f"--stop-by {args.stop_by:%Y-%m-%d %H:%M}: {len(left)} row(s) not started ({', '.join(left)}); finish "
+              f"with the same command and --resume {stem.with_suffix('.json')}")
     return 0
 
 

@@ -409,3 +409,37 @@ def test_resume_keeps_the_quant_repeats_of_the_file(smoke, tmp_path, capsys):
     assert R.main(["--suite", "smoke", "--resume", str(cut), "--quant-repeats", "3", "--work", str(tmp / "work")]) == 2
     err = capsys.readouterr().err.strip()
     assert "give --quant-repeats 1" in err and "\n" not in err
+
+
+def test_stop_by_leaves_rows_that_would_end_too_late(smoke, tmp_path, capsys):
+    """--stop-by with estimates: the row estimated at a day is not started, the others run; the file is partial and
+    says how to finish it; every new row records its scoring time."""
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    R.write(cut.with_suffix(""), data["header"], data["rows"][:1], [])
+    long = data["rows"][2]["label"]
+    est = tmp_path / "earlier.json"
+    est.write_text(json.dumps({"rows": [{"label": long, "seconds": 86400.0}], "header": {}, "variants": []}))
+    rc = R.main(["--suite", "smoke", "--resume", str(cut), "--stop-by", "23:59", "--estimate-from", str(est),
+                 "--work", str(tmp / "work"), "--no-latency", "--no-plot"])
+    assert rc == 0
+    out = json.loads(cut.read_text())
+    labels = [r["label"] for r in out["rows"]]
+    assert long not in labels and len(labels) == len(data["rows"]) - 1
+    assert all(r["score_seconds"] >= 0 for r in out["rows"][1:])
+    assert f"not started ({long})" in capsys.readouterr().out
+    assert "**Partial run:" in cut.with_suffix(".md").read_text()
+
+
+def test_stop_by_in_the_past_starts_nothing_and_bad_values_fail_in_one_line(smoke, tmp_path, capsys):
+    tmp, data, json_path, _ = smoke
+    cut = tmp_path / json_path.name
+    R.write(cut.with_suffix(""), data["header"], data["rows"][:2], [])
+    rc = R.main(["--suite", "smoke", "--resume", str(cut), "--stop-by", "2020-01-01T00:00",
+                 "--work", str(tmp / "work"), "--no-latency", "--no-plot"])
+    assert rc == 0 and len(json.loads(cut.read_text())["rows"]) == 2
+    capsys.readouterr()
+    for bad in (["--stop-by", "soon"], ["--stop-by", "25:00"], ["--estimate-from", str(tmp_path / "nope.json")]):
+        assert R.main(["--suite", "smoke", *bad, "--work", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {bad[0]}") and "\n" not in err
