@@ -604,8 +604,9 @@ def _run(args) -> int:
     write(stem, head, in_order(rows, before, order), extra)
     publish(stem, plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
     if left:
-        print(f"--stop-by {args.stop_by:%Y-%m-%d %H:%M}: {len(left)} row(s) not started ({', '.join(left)}); finish "
-              f"with the same command and --resume {stem.with_suffix('.json')}")
+        shown = ", ".join(left[:3]) + (", …" if len(left) > 3 else "")
+        print(f"--stop-by {args.stop_by:%Y-%m-%d %H:%M}: {len(left)} row(s) not started ({shown}); finish with the "
+              f"same command and --resume {stem.with_suffix('.json')}")
     return 0
 
 
