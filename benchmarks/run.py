@@ -470,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise OnnxqError("--device cuda: this torch sees no CUDA device (install a CUDA build of torch, or "
                                  "give --device cpu)")
         args.stop_by = deadline(args.stop_by) if args.stop_by else None
-        if args.estimate_from and not Path(args.estimate_from).is_file():
-            raise OnnxqError(f"--estimate-from {args.estimate_from}: no such results file (give a <date>-<suite>.json)")
+        if args.estimate_from and not args.stop_by:
+            raise OnnxqError("--estimate-from only estimates rows for --stop-by: give --stop-by WHEN too")
+        args.estimates = row_estimates(args.estimate_from, args.quant_repeats)
         if args.resume and not Path(args.resume).is_file():
             raise OnnxqError(f"--resume {args.resume}: no such results file (give a <date>-<suite>.json, or no value "
                              "for today's file of the suite)")
@@ -504,8 +505,22 @@ def row_estimates(path: str | None, repeats: int) -> dict[str, float]:
     plus its scoring time (SCORE_GUESS where the file did not record one)."""
     if not path:
         return {}
-    rows = json.loads(Path(path).read_text())["rows"]
+    rows = load_results(Path(path), "--estimate-from")["rows"]
     return {r["label"]: (r.get("seconds") or 0.0) * repeats + r.get("score_seconds", SCORE_GUESS) for r in rows}
+
+
+def load_results(path: Path, option: str) -> dict:
+    """A results JSON of benchmarks.run (header, rows, variants); anything else is a one-line error naming `option`."""
+    from onnxq.errors import OnnxqError
+
+    try:
+        data = json.loads(path.read_text())
+        if missing := {"header", "rows", "variants"} - set(data):
+            raise KeyError(f"no {', '.join(sorted(missing))}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OnnxqError(f"{option} {path}: not a results JSON of benchmarks.run ({first_line(err)}); give a "
+                         "<date>-<suite>.json") from None
+    return data
 
 
 def default_device(ep: str) -> str:
@@ -545,7 +560,7 @@ def _run(args) -> int:
     before: dict[str, dict] = {}  # every row of the resumed file: written until this run replaces it
     extra: list[dict] = []
     if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
-        old = json.loads(stem.with_suffix(".json").read_text())
+        old = load_results(stem.with_suffix(".json"), "--resume")
         timed = old["header"].get("quant_repeats", 1)
         if timed != args.quant_repeats:
             raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over {timed} "
@@ -563,7 +578,7 @@ def _run(args) -> int:
             latency_of(rows[0], None, past, lat, args.ep, args.threads, lat_tokens, args.keep)
         rows[0]["cpu_share"] = share.shares()
     _print(rows[0])
-    estimate, left = row_estimates(args.estimate_from, args.quant_repeats), []
+    left = []
     wanted = set(opts["variants"])
     picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
     order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite]]  # the file keeps rows --skip leaves out
@@ -575,7 +590,7 @@ def _run(args) -> int:
         if name in done:
             rows.append(done[name])
             continue
-        if args.stop_by and dt.datetime.now() + dt.timedelta(seconds=estimate.get(name, 0.0)) > args.stop_by:
+        if args.stop_by and dt.datetime.now() + dt.timedelta(seconds=args.estimates.get(name, 0.0)) > args.stop_by:
             left.append(name)
             continue
         out = work / f"{args.suite}-{i}.onnx"
@@ -612,13 +627,14 @@ def _run(args) -> int:
 
 def render(path: Path, *, plot_it: bool, readme: Path | None) -> int:
     """Rewrite a results file's Markdown (and plot, README section) from its JSON alone."""
+    from onnxq.errors import OnnxqError
+
     try:
-        data = json.loads(path.read_text())
-        head, rows, extra = data["header"], data["rows"], data["variants"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"error: --render {path}: not a results JSON of benchmarks.run ({first_line(err)}); give a "
-              "<date>-<suite>.json", file=sys.stderr)
+        data = load_results(path, "--render")
+    except OnnxqError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    head, rows, extra = data["header"], data["rows"], data["variants"]
     stem = path.with_suffix("")
     write_markdown(stem, head, rows, extra)
     publish(stem, plot_it=plot_it, readme=readme)

@@ -439,7 +439,9 @@ def test_stop_by_in_the_past_starts_nothing_and_bad_values_fail_in_one_line(smok
                  "--work", str(tmp / "work"), "--no-latency", "--no-plot"])
     assert rc == 0 and len(json.loads(cut.read_text())["rows"]) == 2
     capsys.readouterr()
-    for bad in (["--stop-by", "soon"], ["--stop-by", "25:00"], ["--estimate-from", str(tmp_path / "nope.json")]):
+    for bad, says in ((["--stop-by", "soon"], "not a time"), (["--stop-by", "25:00"], "not a time"),
+                      (["--estimate-from", str(tmp_path / "nope.json"), "--stop-by", "23:00"], "not a results JSON"),
+                      (["--estimate-from", str(json_path)], "give --stop-by WHEN too")):
         assert R.main(["--suite", "smoke", *bad, "--work", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {bad[0]}") and "\n" not in err
+        assert err.startswith(f"error: {bad[0]}") and says in err and "\n" not in err
