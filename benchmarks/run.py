@@ -476,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not Path(args.resume).is_file():
             raise OnnxqError(f"--resume {args.resume}: no such results file (give a <date>-<suite>.json, or no value "
                              "for today's file of the suite)")
+        today = Path(args.out) / f"{dt.date.today().isoformat()}-{args.suite}"
+        args.stem = Path(args.resume).with_suffix("") if args.resume else today
+        if args.resume is not None and args.stem.with_suffix(".json").is_file():
+            args.resumed = load_results(args.stem.with_suffix(".json"), "--resume")  # a bad file fails before work
     except OnnxqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -552,15 +556,13 @@ def _run(args) -> int:
     calib_npy = work / f"{args.suite}-calib.npy"
     np.save(calib_npy, calib)
     lat_tokens = np.asarray(tok(eval_text[-20000:])["input_ids"], dtype=np.int64)
-    date = dt.date.today().isoformat()
-    stem = Path(args.resume).with_suffix("") if args.resume else Path(args.out) / f"{date}-{args.suite}"
+    stem = args.stem
     head = header(args, opts, lat, model, past, windows, calib)
     cpu = cpu_name()
     done: dict[str, dict] = {}
     before: dict[str, dict] = {}  # every row of the resumed file: written until this run replaces it
     extra: list[dict] = []
-    if args.resume is not None and stem.with_suffix(".json").is_file():  # a run cut short: keep its rows, run the rest
-        old = load_results(stem.with_suffix(".json"), "--resume")
+    if old := getattr(args, "resumed", None):  # a run cut short: keep its rows, run the rest
         timed = old["header"].get("quant_repeats", 1)
         if timed != args.quant_repeats:
             raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over {timed} "

@@ -1,6 +1,7 @@
 """The benchmark harness on a tiny model (seconds): job processes, scoring, latency with KV cache, plot, README."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -223,6 +224,18 @@ def test_resume_of_a_missing_file_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --resume") and "no such results file" in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_corrupt_resume_file_fails_before_any_work(tmp_path, capsys):
+    """--resume with no value reads today's file of the suite: a broken one fails in one line before the model loads."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / f"{dt.date.today().isoformat()}-smoke.json").write_text("{not json")
+    work = tmp_path / "work"
+    assert R.main(["--suite", "smoke", "--resume", "--out", str(out), "--work", str(work)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume") and "not a results JSON" in err and "\n" not in err
+    assert not work.exists()
 
 
 def test_resume_reruns_busy_rows_and_rows_of_another_cpu(smoke, tmp_path):
