@@ -478,8 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                              "for today's file of the suite)")
         today = Path(args.out) / f"{dt.date.today().isoformat()}-{args.suite}"
         args.stem = Path(args.resume).with_suffix("") if args.resume else today
-        if args.resume is not None and args.stem.with_suffix(".json").is_file():
-            args.resumed = load_results(args.stem.with_suffix(".json"), "--resume")  # a bad file fails before work
+        resumed = args.stem.with_suffix(".json")
+        args.resumed = load_results(resumed, "--resume") if args.resume is not None and resumed.is_file() else None
+        timed = args.resumed["header"].get("quant_repeats", 1) if args.resumed else args.quant_repeats
+        if timed != args.quant_repeats:
+            raise OnnxqError(f"--resume {resumed}: its rows time each quantization over {timed} run(s): give "
+                             f"--quant-repeats {timed} to finish it")
     except OnnxqError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -533,7 +537,6 @@ def default_device(ep: str) -> str:
 
 
 def _run(args) -> int:
-    from onnxq.errors import OnnxqError
     from onnxq.textdata import load_text, token_windows
 
     opts = {**DEFAULTS, **OPTIONS.get(args.suite, {})}
@@ -562,11 +565,7 @@ def _run(args) -> int:
     done: dict[str, dict] = {}
     before: dict[str, dict] = {}  # every row of the resumed file: written until this run replaces it
     extra: list[dict] = []
-    if old := getattr(args, "resumed", None):  # a run cut short: keep its rows, run the rest
-        timed = old["header"].get("quant_repeats", 1)
-        if timed != args.quant_repeats:
-            raise OnnxqError(f"--resume {stem.with_suffix('.json')}: its rows time each quantization over {timed} "
-                             f"run(s): give --quant-repeats {timed} to finish it")
+    if old := args.resumed:  # a run cut short: keep its rows, run the rest
         head = {**old["header"], "resumed": old["header"].get("resumed", []) + [f"{head['date']} on {cpu}"]}
         before = {r["label"]: r for r in old["rows"]}
         done = {k: r for k, r in before.items() if not (args.rerun_busy and (busy(r) or r.get("cpu", cpu) != cpu))}
