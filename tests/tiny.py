@@ -20,7 +20,7 @@ _CACHE = Path(tempfile.mkdtemp(prefix="onnxq-tiny-"))
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
-def tiny_llama(*, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0):
+def tiny_llama(*, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0, tied=False):
     """A random `LlamaForCausalLM` (eval mode, eager attention); same arguments give the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,9 +28,30 @@ def tiny_llama(*, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vo
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
-        attn_implementation="eager",
+        attn_implementation="eager", tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: ids 0/1 are <s>/</s>, then the 256 bytes (vocab 258)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1}
+    vocab.update({c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama_hf(tmp_path: Path, *, tied=True, **kwargs) -> Path:
+    """`tiny_llama(vocab=258, tied=...)` saved with `byte_tokenizer()` as a Hugging Face folder in tmp_path."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path, prefix="hf"))
+    tiny_llama(vocab=258, tied=tied, **kwargs).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def tiny_gpt2(*, layers=2, hidden=64, heads=4, vocab=256, seed=0):
