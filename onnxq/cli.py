@@ -51,7 +51,10 @@ def export(
 def quantize(
     ctx: typer.Context,
     model: str = typer.Argument(..., help=".onnx file, Hugging Face folder, or registry name (smollm2)"),
-    output: Path = typer.Option(..., "-o", "--output", help="output .onnx path"),
+    output: Path = typer.Option(..., "-o", "--output", help="a folder: generation-ready model for onnxruntime-genai "
+                                "(from an HF folder or registry name: the genai builder's graph with fused attention and "
+                                "KV cache, LM head and embedding quantized too); a path ending in .onnx: one graph in the "
+                                "form of the input (any .onnx, encoders, other architectures; no KV cache)"),
     algo: str = typer.Option("turboboa", help=f"solver (default turboboa: most accurate; gptq is faster): {', '.join(ALGORITHMS)}"),
     bits: int = typer.Option(4, help="2, 3, 4 or 8"),
     group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
@@ -87,8 +90,13 @@ def quantize(
                                 "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; for generation quantize the with-past export "
                                 "itself, as float weights change too)"),
     damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
-    exclude: list[str] = typer.Option(["lm_head"], help="regex of layers (node name or role) left in float"),
-    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy_level: 0 exact (default), 4 = int8 activations (faster on CPU, small accuracy cost)"),
+    exclude: Optional[list[str]] = typer.Option(None, help="regex of layers (node name or role) left in float "
+                                                "(default: lm_head for a .onnx file, none for a folder)"),
+    head_bits: int = typer.Option(8, help="folder output: bits of the LM head (GPTQ on its calibrated inputs) and of "
+                                  "the tied embedding sharing its data"),
+    head_group: int = typer.Option(64, help="folder output: group size of the LM head / embedding"),
+    accuracy_level: Optional[int] = typer.Option(None, help="MatMulNBits accuracy_level: 0 exact, 4 = int8 activations "
+                                                 "(faster on CPU; default 4 for a folder, 0 for a .onnx file)"),
     device: str = typer.Option("cpu", help="torch device for solvers: cpu or cuda"),
     ep: str = typer.Option("cpu", help="ORT execution provider for calibration"),
     seed: int = typer.Option(0, help="seed for calibration window sampling"),
@@ -114,8 +122,9 @@ def quantize(
         refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, block_tune_alpha=block_tune_alpha, true_sequential=true_sequential, v_row_factor=v_row_factor,
         up_row_factor=up_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
-        accuracy_level=accuracy_level, exclude=list(exclude), seed=seed, device=device, target=target,
-    ).validate()
+        accuracy_level=accuracy_level, exclude=None if exclude is None else list(exclude), head_bits=head_bits,
+        head_group=head_group, seed=seed, device=device, target=target,
+    ).for_output(output.suffix != ".onnx").validate()
     if target:
         console.print(f"target {support(target).name}: {format}, {bits}-bit, group {group}, "
                       f"accuracy_level {accuracy_level}")
@@ -127,6 +136,11 @@ def quantize(
         f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
         f"peak RSS {qrep.peak_rss_mb:.0f} MiB"
     )
+    if qrep.deploy:
+        from .deploy.generate import generate
+
+        console.print(f"generation check: {generate(qrep.output, SAMPLE_PROMPT, max_new_tokens=24).line()}",
+                      highlight=False, soft_wrap=True)
     if eval or report:
         from .report import evaluate
 
@@ -135,6 +149,25 @@ def quantize(
         print(erep.markdown())
         if report:
             erep.save(report)
+
+
+SAMPLE_PROMPT = "The capital of France is"
+
+
+@app.command()
+@_guarded
+def generate(
+    folder: Path = typer.Argument(..., help="generation-ready folder (onnxq quantize -o DIR)"),
+    prompt: str = typer.Argument(SAMPLE_PROMPT, help="text to continue"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate (greedy)"),
+) -> None:
+    """Generate greedily from a prompt with onnxruntime-genai and print the text and decode speed."""
+    from .deploy.generate import generate as run
+
+    out = run(folder, prompt, max_new_tokens=max_new_tokens)
+    print(prompt + out.text)
+    console.print(f"{len(out.tokens)} tokens, {out.decode_tok_s:.1f} tok/s decode, loaded in {out.load_s:.2f} s",
+                  highlight=False)
 
 
 @app.command("eval")

@@ -42,6 +42,7 @@ class QuantReport:
     total_seconds: float
     peak_rss_mb: float
     layer_losses: dict[str, float] = field(default_factory=dict)
+    deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -88,17 +89,20 @@ def quantize(
     from .passes.normalize import normalize
     from .textdata import load_text, token_windows
 
-    recipe.validate()
+    output = Path(output)
+    to_folder = output.suffix != ".onnx"  # a generation-ready folder (onnxruntime-genai) rather than one graph
+    recipe = recipe.for_output(to_folder).validate()
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    build = _float_build(model, recipe) if to_folder else None  # before any calibration: fail fast
     path = resolve_model(str(model))
-    output = Path(output)
     # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
     proto = load_model(path, load_weights=False)
     folder = str(Path(path).parent)
     check_graph(proto, Path(path).name, ops=True)  # it is going to run in ONNX Runtime: ops must be valid too
     check_external_data(proto, path)
-    check_output_path(output, path, proto)
+    if not to_folder:
+        check_output_path(output, path, proto)
     reads = _normalize_reads(proto)
     load_tensor_data(reads, folder)
     keep, reads = [t.name for t in reads], None  # (a tensor wrapper would keep the whole loaded proto alive)
@@ -125,52 +129,32 @@ def quantize(
         _check_finite(l, read_array(weights[l.weight], folder))  # before any calibration: fail fast
 
     in_blocks = [] if data_free else [l for l in layers if l.block is not None]
+    head = [l for l in layers if l.block is None and to_folder and not data_free]  # calibrated after the last block
     read = partial(_layer_weight, weights=weights, folder=folder)
     solved = _Solved()
     if in_blocks:
-        _blockwise(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder, progress=progress)
+        _blockwise(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder, progress=progress,
+                   head=head)
     results, losses = solved.results, solved.losses
     for l in layers:
         if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
             W = read(l)
-            res, losses[l.node] = solve_layer(l, W, None, recipe)
+            res, losses[l.node] = solve_layer(l, W, None, recipe.head_recipe() if to_folder and l.block is None else recipe)
             results[l.node] = _compact(res)
             del W, res
             _trim_heap()
-    out = _rewrite(proto, layers, results, recipe)
+    info = _provenance(recipe, rotation, calib, windows, path)
+    if to_folder:
+        written = _write_folder(build, proto, layers, results, recipe, info, output, read)
+    else:
+        out = _rewrite(proto, layers, results, recipe)
+        add_provenance(out, info)
+        restore_weights(out, memory)  # the float weights left (embeddings, norms, excluded layers) go back in
+        save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
+        written = {}
     n_solved = len(results)
-    results.clear()  # the packed weights are in `out` now
-    _trim_heap()
-    info = {
-        "version": __version__,
-        "algorithm": recipe.algo,
-        "bits": recipe.bits,
-        "group_size": recipe.group_size,
-        "sym": recipe.sym,
-        "format": recipe.format,
-        "grid": recipe.grid,
-        "damp": recipe.damp,
-        "act_order": recipe.act_order,
-        "refine_scales": recipe.refine_scales,
-        "refine_codes": recipe.refine_codes,
-        "block_tune": recipe.block_tune,
-        "block_tune_alpha": recipe.block_tune_alpha,
-        "true_sequential": recipe.true_sequential,
-        "v_row_factor": recipe.v_row_factor,
-        "float_zero": recipe.float_zero,
-        "v_int_zero": recipe.v_int_zero,
-        "bias_correction": recipe.bias_correction,
-        "rotate": recipe.rotate,
-        "rotation": rotation,
-        "target": recipe.target,
-        "accuracy_level": recipe.accuracy_level,
-        "calibration": {"text": str(calib), "windows": int(len(windows)), "seq_len": int(windows.shape[1]), "seed": recipe.seed},
-        "source": Path(path).name,
-    }
-    add_provenance(out, info)
-    restore_weights(out, memory)  # the float weights left (embeddings, norms, excluded layers) go back in
+    results.clear()
     memory.clear()
-    save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
     return QuantReport(
         model=str(path),
         output=str(output),
@@ -182,7 +166,68 @@ def quantize(
         total_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_mb=round(_peak_rss_mb(), 1),
         layer_losses=losses,
+        deploy=written,
     )
+
+
+def _provenance(recipe: QuantRecipe, rotation: str | None, calib, windows: np.ndarray, path) -> dict:
+    """The model's `onnxq.*` metadata: the full recipe, what was rotated, the calibration and the source."""
+    info = {"version": __version__, **{k: v for k, v in recipe.to_dict().items() if k not in ("device", "seed")}}
+    info.update(rotation=rotation, source=Path(path).name,
+                calibration={"text": str(calib), "windows": int(len(windows)),
+                             "seq_len": int(windows.shape[1]) if windows.ndim == 2 else 0, "seed": recipe.seed})
+    info["algorithm"] = info.pop("algo")
+    return info
+
+
+def _float_build(model, recipe: QuantRecipe) -> Path:
+    """The onnxruntime-genai builder's float graph for a Hugging Face folder or registry name (the deploy front-end)."""
+    from .deploy.builder import float_build
+    from .models.export import hf_folder
+    from .models.registry import REGISTRY
+
+    if recipe.rotate:
+        raise OnnxqError("--rotate changes the graph around the weights, which the generation-ready folder does not "
+                         "carry yet: write a .onnx file (-o FILE.onnx) or drop --rotate")
+    if recipe.format != "nbits":
+        raise OnnxqError("a generation-ready folder holds MatMulNBits: drop --format qdq or write a .onnx file")
+    spec = Path(str(model))
+    if spec.is_dir() and (spec / "config.json").is_file():
+        return float_build(spec)
+    if str(model) in REGISTRY:
+        return float_build(hf_folder(str(model)))
+    raise OnnxqError(f"a generation-ready folder is built from a Hugging Face folder or a registry name, not {model}: "
+                     "give one of those, or an output path ending in .onnx")
+
+
+def _write_folder(build: Path, proto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe, info: dict,
+                  output: Path, read) -> dict:
+    """The builder's graph with the solved weights (matched layer by layer) as an onnxruntime-genai folder."""
+    from .deploy.genai import match_layers, write_folder
+    from .io import load_model as load
+
+    graph = load(build / "model.onnx", load_weights=False)
+    matched = match_layers(graph, build, layers, lambda l: read(l).T.numpy())
+    missing = sorted({l.node for l in layers} - {p.node for parts in matched.values() for p in parts})
+    if missing:
+        raise OnnxqError(f"the builder's graph has no MatMul holding {missing[0]} ({len(missing)} layers unmatched): "
+                         "write a .onnx file instead (-o FILE.onnx)")
+    weights = {name: [_quantized_weight(results[p.node]) for p in parts] for name, parts in matched.items()}
+    biases = {}
+    for name, parts in matched.items():
+        if any(results[p.node].bias is not None for p in parts):
+            biases[name] = np.concatenate([results[p.node].bias.numpy() if results[p.node].bias is not None
+                                           else np.zeros(p.n, np.float32) for p in parts]).astype(np.float32)
+    written = write_folder(build, weights, biases, accuracy_level=recipe.accuracy_level, provenance=info, out=output)
+    return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "folder": str(output), **written}
+
+
+def _quantized_weight(r: QuantResult):
+    """A solved layer as the rewrite's QuantizedWeight (rows = output channels)."""
+    from .passes.rewrite import QuantizedWeight
+
+    return QuantizedWeight(codes=r.codes.cpu().numpy(), scales=r.scales.float().cpu().numpy(),
+                           zeros=None if r.sym else r.zeros.cpu().numpy(), bits=r.bits, group_size=r.group_size)
 
 
 @dataclass
@@ -202,9 +247,10 @@ def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:
 
 def _blockwise(
     proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe, solved: _Solved,
-    *, read: Callable[[LinearLayer], torch.Tensor], ep: str, folder, progress: bool,
+    *, read: Callable[[LinearLayer], torch.Tensor], ep: str, folder, progress: bool, head: list[LinearLayer] = (),
 ) -> None:
-    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized); fills `solved`."""
+    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized), then the `head`
+    layers (the LM head) on the quantized stream past the last block with `recipe.head_recipe()`; fills `solved`."""
     from .runtime.calibrate import BlockRunner
 
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
@@ -283,6 +329,24 @@ def _blockwise(
         solved.calib_s += time.perf_counter() - tc
         del stats, fake, fake_bias, full
         _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
+    if head:
+        _solve_head(runner, envs, head, recipe.head_recipe(), solved, read)
+
+
+def _solve_head(runner, envs, head: list[LinearLayer], recipe: QuantRecipe, solved: _Solved, read) -> None:
+    """Capture the head layers' inputs on the quantized stream past the last block and solve them with `recipe`."""
+    tc = time.perf_counter()
+    stats = BlockStats()
+    stats.cov = {l.input: Covariance(l.k, device=recipe.device) for l in head}
+    for cap in runner.run_head(envs, list(stats.cov)):
+        for name, cov in stats.cov.items():
+            cov.add(cap[name])
+    solved.calib_s += time.perf_counter() - tc
+    ts = time.perf_counter()
+    for l in head:
+        res, solved.losses[l.node] = solve_layer(l, read(l).to(recipe.device), stats, recipe)
+        solved.results[l.node] = _compact(res)
+    solved.solve_s += time.perf_counter() - ts
 
 
 def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats: BlockStats, recipe: QuantRecipe,
@@ -417,21 +481,12 @@ def _compact(res):
 
 def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:
     """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul (+ Add of their output bias, if any)."""
-    from .passes.rewrite import QuantizedWeight, add_output_bias, to_matmulnbits, to_qdq
+    from .passes.rewrite import add_output_bias, to_matmulnbits, to_qdq
 
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer}
     biases = {l.node: results[l.node].bias.numpy().astype(dtypes[l.weight]) for l in layers
               if results[l.node].bias is not None}
-    qw = {}
-    for l in layers:
-        r = results[l.node]
-        qw[l.node] = QuantizedWeight(
-            codes=r.codes.cpu().numpy(),
-            scales=r.scales.float().cpu().numpy(),
-            zeros=None if r.sym else r.zeros.cpu().numpy(),
-            bits=r.bits,
-            group_size=r.group_size,
-        )
+    qw = {l.node: _quantized_weight(results[l.node]) for l in layers}
     if recipe.format == "nbits":
         out = to_matmulnbits(proto, qw, accuracy_level=recipe.accuracy_level)
     else:

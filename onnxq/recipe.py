@@ -1,7 +1,7 @@
 """Quantization recipe: what to quantize and how, validated up front."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .errors import OnnxqError
 
@@ -41,11 +41,27 @@ class QuantRecipe:
     rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (passes/rotate.py)
     calib_windows: int = 16
     calib_seq_len: int = 512
-    accuracy_level: int = 0  # exact fp32 activations (ORT quantizer default); --target cpu picks 4 (int8, faster)
-    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    accuracy_level: int | None = None  # None: 0 (exact fp32 activations) for a .onnx file, 4 (int8, the builder's
+    # CPU default) for a generation-ready folder; --target picks its own
+    exclude: list[str] | None = None  # None: ["lm_head"] for a .onnx file, nothing for a generation-ready folder
+    head_bits: int = 8  # LM head (and the tied embedding sharing its data) in a generation-ready folder
+    head_group: int = 64  # divides the hidden size of common models, so the embedding can share the head's data
     seed: int = 0
     device: str = "cpu"
     target: str | None = None  # execution provider the output must run on (onnxq/targets.py), checked by validate()
+
+    def for_output(self, folder: bool) -> "QuantRecipe":
+        """This recipe with the defaults of its output kind filled in: a .onnx file keeps the LM head float and exact
+        activations; a generation-ready folder quantizes the head (and embedding) and uses int8 activations."""
+        exclude = self.exclude if self.exclude is not None else ([] if folder else ["lm_head"])
+        level = self.accuracy_level if self.accuracy_level is not None else (4 if folder else 0)
+        return replace(self, exclude=list(exclude), accuracy_level=level)
+
+    def head_recipe(self) -> "QuantRecipe":
+        """The LM head's recipe: GPTQ on its calibrated input statistics at `head_bits` / `head_group`, integer zero
+        points (GatherBlockQuantized reads the same data for the tied embedding)."""
+        return replace(self, algo="gptq", bits=self.head_bits, group_size=self.head_group, grid="mse", float_zero=False,
+                       v_int_zero=False, refine_codes=0, block_tune=0, up_row_factor=False, v_row_factor=False)
 
     def validate(self) -> "QuantRecipe":
         """Raise OnnxqError on an unsupported setting; return self."""
@@ -89,7 +105,10 @@ class QuantRecipe:
             raise OnnxqError(f"--up-row-factor is a TurboBoA option: use --algo turboboa (not {self.algo})")
         if self.act_order is None:
             self.act_order = self.algo != "rtn"
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.head_bits not in (4, 8) or self.head_group < 16 or self.head_group & (self.head_group - 1):
+            raise OnnxqError(f"LM head {self.head_bits}-bit group {self.head_group} is not supported: use --head-bits 4 or 8 "
+                             "and a power-of-two --head-group >= 16")
+        if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
         if self.target is not None:
             from .targets import check, support

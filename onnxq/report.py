@@ -93,6 +93,8 @@ def evaluate(
 
     fpath = resolve_model(str(float_model)) if float_model else None
     qpath = Path(quant_model) if quant_model else None
+    if qpath is not None and qpath.is_dir() and (qpath / "model.onnx").is_file():  # a generation-ready folder
+        qpath = qpath / "model.onnx"
     tok = load_tokenizer(Path(tokenizer_from) if tokenizer_from else (fpath or qpath))
     windows = token_windows(tok, load_text(text), seq_len, max(tokens // seq_len, 1))
 

@@ -8,6 +8,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.analysis import Partition
+from onnxq.attention import cache_head_dims
 from onnxq.errors import OnnxqError
 from onnxq.io import load_tensor_data
 from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
@@ -31,13 +32,14 @@ class BlockRunner:
         self.folder = folder  # where initializers still on disk (lazily loaded model) are read from, piece by piece
         self.types = tensor_types(model)
         self.stem, self.blocks = split_model(model, part)
+        self.head = [model.graph.node[i] for i in part.head]
 
     def start(self, batches: list[np.ndarray]) -> list[Env]:
         """Run the stem on each token batch [B, T]; returns one environment of live tensors per batch."""
         probe = make_session(self._piece(self.stem, inputs=[i.name for i in self.model.graph.input]), self.ep, threads=self.threads)
-        envs = []
+        envs, dims = [], cache_head_dims(self.model)
         for ids in batches:
-            feeds = model_feeds(probe, ids)
+            feeds = model_feeds(probe, ids, dims)
             outs = _run(probe, self.stem.outputs, feeds, "the stem (embeddings)")
             env = dict(zip(self.stem.outputs, outs))
             env.update(feeds)
@@ -78,6 +80,28 @@ class BlockRunner:
                 env.update({k: outs[k] for k in sub.outputs})
                 for k in [k for k in env if k not in keep]:
                     del env[k]
+
+    def run_head(self, envs: list[Env], capture: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        """Run only the head nodes that `capture` depends on (e.g. the final norm before the LM head) on every
+        environment left by the last block; yields the captured tensors per batch."""
+        produced = {o: n for n in self.head for o in n.output}
+        todo, need = [], list(capture)
+        while need:
+            node = produced.pop(need.pop(), None)
+            if node is not None:
+                todo.append(node)
+                need.extend(t for t in node.input if t)
+        nodes = [n for n in self.head if any(n is m for m in todo)]
+        if not nodes:  # the captured tensors are the last block's outputs themselves
+            yield from ({k: env[k] for k in capture} for env in envs)
+            return
+        made = {o for n in nodes for o in n.output}
+        inits = {t.name for t in self.model.graph.initializer}
+        reads = list(dict.fromkeys(t for n in nodes for t in n.input if t and t not in made and t not in inits))
+        sub = SubModel(nodes, reads, list(capture), sorted({t for n in nodes for t in n.input if t in inits}))
+        session = make_session(self._piece(sub), self.ep, threads=self.threads)
+        for env in envs:
+            yield dict(zip(capture, _run(session, list(capture), {k: env[k] for k in reads}, "the head")))
 
     def piece(self, index: int) -> onnx.ModelProto:
         """Block `index` as a standalone model with its float weights."""

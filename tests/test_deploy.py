@@ -1,0 +1,140 @@
+"""Generation-ready folders: the genai builder's graph with onnxq's weights loads and generates in onnxruntime-genai,
+computes the fake-quant function, and bad requests are refused in one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from onnxq.cli import app
+from onnxq.deploy.builder import float_build
+from onnxq.deploy.generate import generate
+from onnxq.errors import OnnxqError
+from onnxq.io import read_array
+from onnxq.models.export import export_onnx
+from onnxq.packing import unpack_nbits
+from onnxq.passes.metadata import read_provenance
+from onnxq.pipeline import quantize
+from onnxq.recipe import QuantRecipe
+from onnxq.runtime.evaluate import file_size
+from onnxq.runtime.session import make_session, model_feeds
+from tests.tiny import tiny_llama_hf
+
+WINDOWS = np.random.default_rng(0).integers(2, 258, (8, 48))
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A tiny tied Llama HF folder; the builder's and optimum's exports are cached in a module-wide cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONNXQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield tiny_llama_hf(tmp_path_factory.mktemp("hf"), tied=True)
+
+
+def _logits(path, ids: np.ndarray) -> np.ndarray:
+    session = make_session(path)
+    return session.run(["logits"], model_feeds(session, ids))[0]
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_builder_graph_computes_the_analysis_export(hf):
+    ids = WINDOWS[:1]
+    assert _rel(_logits(float_build(hf) / "model.onnx", ids), _logits(export_onnx(hf), ids)) < 1e-4
+
+
+def test_folder_loads_generates_and_is_smaller(hf, tmp_path):
+    out = tmp_path / "deploy"
+    rep = quantize(str(hf), QuantRecipe(algo="turboboa", bits=4, group_size=32), out, windows=WINDOWS, progress=False)
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 2 * 5 + 1  # packed qkv, o, gate, up, down per block, and the LM head
+    assert "GroupQueryAttention" in ops and "GatherBlockQuantized" in ops and "MatMul" not in ops
+    assert rep.deploy["embedding"].startswith("GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.name == "/lm_head/MatMul")
+    assert {a.name: a.i for a in head.attribute}["bits"] == 8 and rep.layer_losses["/lm_head/MatMul"] >= 0
+    meta = read_provenance(model)
+    assert meta["algorithm"] == "turboboa" and meta["exclude"] == [] and meta["head_bits"] == 8
+    assert file_size(out / "model.onnx") < 0.5 * file_size(float_build(hf) / "model.onnx")
+    gen = generate(out, "hello", max_new_tokens=6)
+    assert len(gen.tokens) == 6 and all(0 <= t < 258 for t in gen.tokens)
+
+
+def _dequantized(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.ndarray:
+    """W [K, N] of a MatMulNBits node, dequantized from its stored codes, scales and zero points."""
+    attrs = {a.name: a.i for a in node.attribute}
+    inits = {t.name: t for t in model.graph.initializer}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    blob = read_array(inits[node.input[1]], str(folder))
+    scales = read_array(inits[node.input[2]], str(folder)).reshape(n, -1)
+    zp = read_array(inits[node.input[3]], str(folder)).reshape(n, -1) if len(node.input) > 3 else None
+    codes, zeros = unpack_nbits(blob, zp, bits, k)
+    cols = np.arange(k) // block
+    zeros = (1 << (bits - 1)) if zeros is None else zeros[:, cols]
+    return ((codes.astype(np.int64) - zeros) * scales[:, cols]).T.astype(np.float32)
+
+
+def test_folder_matches_the_fake_quant_analysis_export(hf, tmp_path):
+    """The quantized genai graph (exact activations) against optimum's float graph holding the stored weights."""
+    out = tmp_path / "deploy"
+    quantize(str(hf), QuantRecipe(algo="gptq", bits=4, group_size=32, accuracy_level=0), out, windows=WINDOWS,
+             progress=False)
+    deployed = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    weights = {n.name: _dequantized(deployed, out, n) for n in deployed.graph.node if n.op_type == "MatMulNBits"}
+    ref = onnx.load(str(export_onnx(hf)))
+    inits = {t.name: t for t in ref.graph.initializer}
+    for node in ref.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        name = node.name.replace("self_attn", "attn")
+        proj = name.split("/")[-2]
+        if proj in ("q_proj", "k_proj", "v_proj"):
+            packed = weights[name.replace(proj, "qkv_proj")]
+            sizes = {"q_proj": 64, "k_proj": 32, "v_proj": 32}  # 4 heads, 2 KV heads, head_dim 16
+            start = {"q_proj": 0, "k_proj": 64, "v_proj": 96}[proj]
+            value = packed[:, start:start + sizes[proj]]
+        else:
+            value = weights[name]
+        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(value, node.input[1]))
+    embed = next(n for n in ref.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    inits[embed.input[0]].CopyFrom(onnx.numpy_helper.from_array(weights["/lm_head/MatMul"].T.copy(), embed.input[0]))
+    ids = WINDOWS[:2]
+    session = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = session.run(["logits"], model_feeds(session, ids))[0]
+    assert _rel(_logits(out / "model.onnx", ids), expected) < 1e-4
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (QuantRecipe(algo="rtn", rotate=True), "--rotate"),
+    (QuantRecipe(algo="rtn", format="qdq"), "MatMulNBits"),
+    (QuantRecipe(algo="rtn", head_bits=3), "LM head"),
+])
+def test_folder_refusals(hf, tmp_path, recipe, message):
+    with pytest.raises(OnnxqError, match=message):
+        quantize(str(hf), recipe, tmp_path / "deploy", windows=WINDOWS, progress=False)
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_folder_from_a_onnx_file_is_refused(hf, tmp_path):
+    with pytest.raises(OnnxqError, match="Hugging Face folder or a registry name"):
+        quantize(str(export_onnx(hf)), QuantRecipe(algo="rtn"), tmp_path / "deploy", progress=False)
+
+
+def test_cli_quantize_to_folder_then_generate(hf, tmp_path):
+    out = tmp_path / "deploy"
+    runner = CliRunner()
+    done = runner.invoke(app, ["quantize", str(hf), "-o", str(out), "--algo", "rtn", "--group", "32"])
+    assert done.exit_code == 0, done.output
+    assert "generation check:" in done.output
+    assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == 2
+    gen = runner.invoke(app, ["generate", str(out), "hi", "--max-new-tokens", "4"])
+    assert gen.exit_code == 0 and "tok/s decode" in gen.output
+    bad = runner.invoke(app, ["generate", str(tmp_path), "hi"])
+    assert bad.exit_code == 2 and "not a generation-ready folder" in bad.output
