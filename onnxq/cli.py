@@ -57,7 +57,8 @@ def quantize(
                                 "form of the input (any .onnx, encoders, other architectures; no KV cache)"),
     algo: str = typer.Option("turboboa", help=f"solver (default turboboa: most accurate; gptq is faster): {', '.join(ALGORITHMS)}"),
     bits: int = typer.Option(4, help="2, 3, 4 or 8"),
-    group: int = typer.Option(128, help="group size (power of two >= 16) or -1 for per-channel"),
+    group: Optional[int] = typer.Option(None, help="group size (power of two >= 16) or -1 for per-channel (default: "
+                                        "64 for a folder, 128 for a .onnx file)"),
     sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
     float_zero: bool = typer.Option(False, "--float-zero/--int-zero", help="asymmetric MatMulNBits with float zero "
                                     "points: each group's grid spans its exact [min, max] (2-4 bits; +32 bits per "
@@ -141,6 +142,10 @@ def quantize(
 
         console.print(f"generation check: {generate(qrep.output, SAMPLE_PROMPT, max_new_tokens=24).line()}",
                       highlight=False, soft_wrap=True)
+        if eval:  # the same loop on the builder's float graph, for the speed-up
+            console.print(f"float build ({qrep.deploy['float_build']}): "
+                          f"{generate(qrep.deploy['float_build'], SAMPLE_PROMPT, max_new_tokens=24).line()}",
+                          highlight=False, soft_wrap=True)
     if eval or report:
         from .report import evaluate
 
@@ -197,23 +202,27 @@ def eval_cmd(
     if ep not in PROVIDERS and ep not in EDGE_EPS:
         names = ", ".join(dict.fromkeys([*PROVIDERS, *EDGE_EPS]))
         raise OnnxqError(f"unknown execution provider {ep!r}: use one of {names}")
+    from .models.export import resolve_model
+    from .report import check_report_path, evaluate
+
+    fpath = resolve_model(float_model)
+    _check_models(fpath, quant_model)
+    if report:
+        check_report_path(report)
     edge_only = ep in ("openvino", "web-wasm", "web-webgpu")
     rep = None
     if not edge_only:
-        from .report import evaluate
-
-        rep = evaluate(float_model, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
+        rep = evaluate(fpath, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
         print(rep.markdown())
         if report:
             rep.save(report)
     if edge or (edge is None and edge_only):
-        from .models.export import load_tokenizer, resolve_model
+        from .models.export import load_tokenizer
         from .runtime.edge import edge_eval
         from .textdata import load_text, token_windows
 
         if ep not in EDGE_EPS:
             raise OnnxqError(f"the edge check runs on {', '.join(EDGE_EPS)}, not {ep!r}")
-        fpath = resolve_model(float_model)
         prompt = token_windows(load_tokenizer(fpath), load_text(text), prompt_tokens, 1)
         erep = edge_eval(quant_model or fpath, ep, prompt, threads=threads or None, runs=runs)
         print(erep.markdown())
@@ -221,6 +230,15 @@ def eval_cmd(
             erep.save(report if rep is None else f"{report}-edge")
         if not erep.ok:
             raise typer.Exit(1)
+
+
+def _check_models(*paths: Path | None) -> None:
+    """Read each model's graph and check its external data (weights are not read), so that a corrupt file fails in
+    one line before any work; a folder stands for the model.onnx in it."""
+    from .io import load_graph
+
+    for path in filter(None, paths):
+        load_graph(path / "model.onnx" if path.is_dir() else path)
 
 
 @app.command()

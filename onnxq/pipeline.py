@@ -219,7 +219,7 @@ def _write_folder(build: Path, proto, layers: list[LinearLayer], results: dict, 
             biases[name] = np.concatenate([results[p.node].bias.numpy() if results[p.node].bias is not None
                                            else np.zeros(p.n, np.float32) for p in parts]).astype(np.float32)
     written = write_folder(build, weights, biases, accuracy_level=recipe.accuracy_level, provenance=info, out=output)
-    return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "folder": str(output), **written}
+    return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "float_build": str(build), **written}
 
 
 def _quantized_weight(r: QuantResult):

@@ -138,3 +138,14 @@ def test_cli_quantize_to_folder_then_generate(hf, tmp_path):
     assert gen.exit_code == 0 and "tok/s decode" in gen.output
     bad = runner.invoke(app, ["generate", str(tmp_path), "hi"])
     assert bad.exit_code == 2 and "not a generation-ready folder" in bad.output
+
+
+@pytest.mark.slow
+def test_default_model_folder_generates(tmp_path, monkeypatch):
+    """The README's deploy flow on the default model (RTN: no calibration, so it stays quick)."""
+    monkeypatch.delenv("ONNXQ_CACHE", raising=False)  # reuse the user's exports: each takes about a minute
+    out = tmp_path / "smollm2"
+    rep = quantize("smollm2", QuantRecipe(algo="rtn"), out, progress=False)
+    assert rep.layers == 30 * 7 + 1 and file_size(out / "model.onnx") < 95e6
+    gen = generate(out, "The capital of France is", max_new_tokens=8)
+    assert "Paris" in gen.text
