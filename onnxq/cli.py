@@ -109,6 +109,10 @@ def quantize(
 ) -> None:
     """Quantize the linear layers of a model and write MatMulNBits or QDQ."""
     from .pipeline import quantize as run_quantize
+    from .report import check_report_path
+
+    if report:
+        check_report_path(report)  # before the run, not after it
 
     if target:  # options left at their defaults take the target's choice (onnxq/targets.py)
         from .targets import advise, choose, support

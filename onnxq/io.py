@@ -1,6 +1,7 @@
 """Loading and atomic saving of ONNX models (with external data), and detaching weights for proto-copying passes."""
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,8 @@ _ALIGN = 4096  # external tensors start on page boundaries (lets ORT memory-map 
 def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
     """Read an .onnx file; with `load_weights`, external data is read from the file's folder."""
     path = Path(path)
+    if path.is_dir():
+        raise OnnxqError(f"{path} is a folder, not a model file: pass the path of the .onnx file in it")
     if not path.is_file():
         raise OnnxqError(f"model file not found: {path} (pass the path of an existing .onnx file)")
     try:
@@ -35,6 +38,13 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
     check_graph(model, path.name)
     if load_weights:
         _load_external_data(model, path)
+    return model
+
+
+def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """`load_model(path, load_weights=False)` that also fails, with one line, on missing or truncated external data."""
+    model = load_model(path, load_weights=False)
+    check_external_data(model, path)
     return model
 
 
@@ -92,7 +102,7 @@ def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = 
         if ops and domain not in opsets:
             fail(f"node {label} uses domain {node.domain!r}, which has no opset import")
         if ops and domain in _SCHEMA_DOMAINS:
-            _check_node(node, label, onnx.defs, opsets[domain], domain, fail)
+            _check_node(node, label, opsets[domain], domain, fail)
         for t in node.input:
             if t and t not in known:
                 fail(f"input {t!r} of node {label} is not a graph input, an initializer or an earlier node's output")
@@ -106,12 +116,13 @@ def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = 
             fail(f"graph output {o.name!r} is not produced by any node")
 
 
-def _check_node(node: onnx.NodeProto, label: str, defs, version: int, domain: str, fail) -> None:
-    """Op known at the imported opset, input/output counts and attribute names/types as its schema says."""
-    try:
-        schema = defs.get_schema(node.op_type, version, domain)
-    except defs.SchemaError:
-        fail(f"node {label} has op {node.op_type!r}, which opset {version} of {domain or 'ai.onnx'!r} does not define")
+def _check_node(node: onnx.NodeProto, label: str, version: int, domain: str, fail) -> None:
+    """Op known at the imported opset (to ONNX, or to ONNX Runtime in that domain), input/output counts and
+    attribute names/types as its schema says."""
+    schema = _schema(node.op_type, version, domain)
+    if schema is None:
+        fail(f"node {label} has op {node.op_type!r}, which neither opset {version} of {domain or 'ai.onnx'!r} "
+             "nor ONNX Runtime defines")
         return
     if not schema.min_input <= len(node.input) <= schema.max_input:
         fail(f"node {label} ({node.op_type}) has {len(node.input)} inputs, the op takes {schema.min_input}-{schema.max_input}")
@@ -127,6 +138,28 @@ def _check_node(node: onnx.NodeProto, label: str, defs, version: int, domain: st
     for key, spec in schema.attributes.items():
         if spec.required and key not in given:
             fail(f"node {label} ({node.op_type}) lacks the required attribute {key!r}")
+
+
+def _schema(op: str, version: int, domain: str):
+    """The ONNX schema of `op` at `version`, else ONNX Runtime's own op of that name in `domain` (the contrib ops it
+    registers in the default domain, e.g. SimplifiedLayerNormalization from onnxruntime-genai's builder), else None."""
+    try:
+        return onnx.defs.get_schema(op, version, domain)
+    except onnx.defs.SchemaError:
+        return max((s for s in _ort_schemas().get((domain, op), ()) if s.since_version <= version),
+                   key=lambda s: s.since_version, default=None)
+
+
+@functools.cache
+def _ort_schemas() -> dict[tuple[str, str], list]:
+    """ONNX Runtime's op schemas in the ONNX domains, by (domain, op)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+
+    out: dict[tuple[str, str], list] = {}
+    for s in get_all_operator_schema():
+        if s.domain in _SCHEMA_DOMAINS:
+            out.setdefault((s.domain, s.name), []).append(s)
+    return out
 
 
 def _external_length(t: onnx.TensorProto) -> int | None:
@@ -227,7 +260,7 @@ def check_output_path(
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise OnnxqError(f"cannot write {path}: {folder} is not a folder")
+        raise OnnxqError(f"cannot write {path}: {folder} is not a folder: choose a path inside a folder")
     if folder == path.parent:
         probe = _temp_name(path)
         try:

@@ -94,7 +94,7 @@ def quantize(
     recipe = recipe.for_output(to_folder).validate()
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    build = _float_build(model, recipe) if to_folder else None  # before any calibration: fail fast
+    build = _float_build(model, recipe, output) if to_folder else None  # before any calibration: fail fast
     path = resolve_model(str(model))
     # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
     proto = load_model(path, load_weights=False)
@@ -180,9 +180,10 @@ def _provenance(recipe: QuantRecipe, rotation: str | None, calib, windows: np.nd
     return info
 
 
-def _float_build(model, recipe: QuantRecipe) -> Path:
+def _float_build(model, recipe: QuantRecipe, output: Path) -> Path:
     """The onnxruntime-genai builder's float graph for a Hugging Face folder or registry name (the deploy front-end)."""
     from .deploy.builder import float_build
+    from .deploy.genai import check_folder_output
     from .models.export import hf_folder
     from .models.registry import REGISTRY
 
@@ -192,6 +193,7 @@ def _float_build(model, recipe: QuantRecipe) -> Path:
     if recipe.format != "nbits":
         raise OnnxqError("a generation-ready folder holds MatMulNBits: drop --format qdq or write a .onnx file")
     spec = Path(str(model))
+    check_folder_output(output)
     if spec.is_dir() and (spec / "config.json").is_file():
         return float_build(spec)
     if str(model) in REGISTRY:

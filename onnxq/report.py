@@ -6,6 +6,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import OnnxqError
+from .io import check_output_path, one_line
+
 
 @dataclass
 class ModelScore:
@@ -64,15 +67,35 @@ class EvalReport:
         return write_report(stem, self.to_dict(), self.markdown())
 
 
+def _report_paths(stem: str | Path) -> tuple[Path, Path]:
+    """`<stem>.json` and `<stem>.md`."""
+    stem = Path(stem)
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def check_report_path(stem: str | Path) -> None:
+    """Fail early, in one line, if `<stem>.json` or `<stem>.md` could not be written."""
+    for path in _report_paths(stem):
+        if path.is_dir():
+            raise OnnxqError(f"report {path} is a folder: choose another --report stem "
+                             "(it writes <stem>.json and <stem>.md)")
+        check_output_path(path)
+
+
 def write_report(stem: str | Path, data: dict, markdown: str) -> tuple[Path, Path]:
     """Write `<stem>.json` and `<stem>.md`, each to a temp file in the same folder and then renamed."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = stem.with_suffix(".json"), stem.with_suffix(".md")
-    for path, text in zip(paths, (json.dumps(data, indent=2), markdown)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    paths = _report_paths(stem)
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, text in zip(paths, (json.dumps(data, indent=2), markdown)):
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                tmp.write_text(text)
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise OnnxqError(f"cannot write the report {stem}: {one_line(err)}: choose a writable --report path") from None
     return paths
 
 

@@ -42,7 +42,7 @@ def external(tmp_path):
 
 def test_missing_file(tmp_path):
     one_line_error(lambda: load_model(tmp_path / "nope.onnx"), "not found")
-    one_line_error(lambda: load_model(tmp_path), "not found")
+    one_line_error(lambda: load_model(tmp_path), "is a folder")
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe garbage \x00\x01" * 50, b"", b"hello, I am a text file\n"])

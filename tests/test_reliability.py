@@ -217,7 +217,7 @@ def test_output_would_overwrite_the_input_data(tmp_path, text):
 @pytest.mark.parametrize("where", ["folder", "under a file", "unwritable"])
 def test_unwritable_output(tmp_path, good, text, where):
     if where == "folder":
-        out, needle = tmp_path, "is a folder"
+        out, needle = tmp_path, "generation-ready folder is built from a Hugging Face folder"  # a folder means deploy
     elif where == "under a file":
         (tmp_path / "file").write_text("x")
         out, needle = tmp_path / "file" / "q.onnx", "is not a folder"

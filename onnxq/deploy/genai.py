@@ -164,6 +164,20 @@ def fix_tokenizer(folder: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+def check_folder_output(folder: Path) -> None:
+    """Fail before any work if `folder` cannot take a generation-ready model (an earlier one there is replaced)."""
+    if folder.exists() and not folder.is_dir():
+        raise OnnxqError(f"output {folder} is a file: give a folder for the generation-ready model, or a .onnx path")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "genai_config.json").is_file():
+        raise OnnxqError(f"output folder {folder} is not empty and holds no earlier generation-ready model: give a new "
+                         "or empty folder")
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OnnxqError(f"cannot write {folder}: {parent} is not a folder")
+
+
 class _replacing_dir:
     """Build a folder beside `final` and move it into place at the end; an earlier onnxq folder there is replaced,
     any other non-empty folder is refused; on failure nothing is left."""
@@ -173,10 +187,7 @@ class _replacing_dir:
 
     def __enter__(self) -> Path:
         f = self.final
-        if f.exists() and not f.is_dir():
-            raise OnnxqError(f"output {f} is a file: give a folder for the generation-ready model, or a .onnx path")
-        if f.is_dir() and any(f.iterdir()) and not (f / "genai_config.json").is_file():
-            raise OnnxqError(f"output folder {f} is not empty and holds no earlier onnxq output: give a new or empty folder")
+        check_folder_output(f)
         f.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-", dir=f.parent))
         self.tmp.chmod(0o755)
