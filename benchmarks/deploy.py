@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python -m benchmarks.deploy " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
               "versions": versions(), "windows": [int(x) for x in windows.shape], "rows": []}
+    if args.only and stem.with_suffix(".json").is_file():  # a partial rerun keeps today's other rows
+        result["rows"] = json.loads(stem.with_suffix(".json").read_text())["rows"]
     for name, how in ROWS.items():
         if args.only and not any(o in name for o in args.only):
             continue
@@ -111,16 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         row = {"name": name, **build(name, how, hf, args.model, folder)}
         row.update(score(folder, windows, args.repeats))
-        result["rows"].append(row)
+        _put(result["rows"], row)
         print(json.dumps(row), flush=True)
         if name == EXACT:
             twin = {"name": name + ", accuracy_level 0", "command": row["command"] + " --accuracy-level 0 (restamped)",
                     "quant_s": row["quant_s"], **score(exact_twin(folder, folder.with_name(folder.name + "-acc0")),
                                                         windows, args.repeats)}
-            result["rows"].append(twin)
+            _put(result["rows"], twin)
             print(json.dumps(twin), flush=True)
         _write(stem, result)
     return 0
+
+
+def _put(rows: list[dict], row: dict) -> None:
+    """Add `row`, replacing an earlier row of the same name in place."""
+    for i, r in enumerate(rows):
+        if r["name"] == row["name"]:
+            rows[i] = row
+            return
+    rows.append(row)
 
 
 def _write(stem: Path, result: dict) -> None:
