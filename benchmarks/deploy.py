@@ -166,7 +166,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        if "fp32" in r["name"]:
+        if "fp32" in r["name"] or "accuracy_level 0" in r["name"]:  # the float line; the same weights as a row
             continue
         mine = r["name"].startswith("onnxq")
         ax.scatter(r["size_mb"], r["ppl"], marker="o" if mine else "s", color="C0" if mine else "C1")
