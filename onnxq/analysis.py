@@ -84,15 +84,17 @@ def partition(model: onnx.ModelProto) -> Partition:
     """Split nodes into stem (before block 0), blocks and head, from exporter names and data dependencies.
 
     Unnamed nodes that depend on block i and feed a later block run with block i; the rest after the
-    last block form the head. Raises OnnxqError when no decoder blocks are found.
+    last block form the head, as does a final norm named like a block (see `block_numbers`).
+    Raises OnnxqError when no decoder blocks are found.
     """
     nodes = list(model.graph.node)
-    tags = [block_index(n.name) for n in nodes]
-    if not any(t is not None for t in tags):
+    numbers = block_numbers(model)
+    if not numbers:
         raise OnnxqError(
             "no decoder blocks found (node names carry no 'layers.N' / 'h.N'): export the model with optimum or "
             "torch.onnx so node names keep module paths"
         )
+    tags = [t if t is not None and t <= numbers[-1] else None for t in (block_index(n.name) for n in nodes)]
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     # dependency level: highest block among ancestors (or own tag)
     level = [-1] * len(nodes)
@@ -139,3 +141,17 @@ def partition(model: onnx.ModelProto) -> Partition:
         missing = [i for i, b in enumerate(blocks) if not b]
         raise OnnxqError(f"decoder block numbering has gaps (blocks {missing} empty): check the export's node names")
     return Partition(stem, blocks, head)
+
+
+def block_numbers(model: onnx.ModelProto) -> list[int]:
+    """Sorted decoder block numbers from node names, less a last number whose nodes do no matrix work (linear layer,
+    quantized or not, or fused attention): onnxruntime-genai's builder names its final norm `layers.{N}`."""
+    work: dict[int, bool] = {}
+    for n in model.graph.node:
+        b = block_index(n.name)
+        if b is not None:
+            work[b] = work.get(b, False) or any(s in n.op_type for s in ("MatMul", "Gemm", "Attention"))
+    numbers = sorted(work)
+    if len(numbers) > 1 and not work[numbers[-1]]:
+        numbers.pop()
+    return numbers

@@ -36,6 +36,8 @@ class AttentionBlock:
     v_input: str | None = None  # activation entering the V projection [B, T, d_model]
     cos: str | None = None
     sin: str | None = None
+    qkv_rows: tuple[tuple[int, int], ...] | None = None  # packed QKV (fused_qkv): Q's, K's, V's rows [start, end)
+    rope_interleaved: bool | None = None  # RoPE on (even, odd) pairs, not halves; None where unknown or no RoPE
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -206,8 +208,9 @@ def _rope(g: GraphIndex, q_tensor: str) -> tuple[str | None, str | None, str | N
     p = g.producer.get(q_tensor)
     if p is None:
         return None, None, None
-    if p.op_type == "RotaryEmbedding":
-        return "RotaryEmbedding", p.input[2] if len(p.input) > 2 else None, p.input[3] if len(p.input) > 3 else None
+    if p.op_type == "RotaryEmbedding":  # com.microsoft: (x, position_ids, cos, sin); ONNX 23: (x, cos, sin, ...)
+        c = 2 if p.domain == "com.microsoft" else 1
+        return "RotaryEmbedding", p.input[c] if len(p.input) > c else None, p.input[c + 1] if len(p.input) > c + 1 else None
     if p.op_type != "Add":
         return None, None, None
     muls = [g.producer.get(i) for i in p.input]
@@ -236,33 +239,77 @@ def _is_trig(g: GraphIndex, t: str) -> bool:
 
 
 def _fused(g: GraphIndex, node: onnx.NodeProto, by_output, is_linear) -> AttentionBlock:
-    """A com.microsoft fused attention op: roles from its inputs, heads from its attributes."""
+    """A com.microsoft fused attention op: roles from its inputs, heads from its attributes. GroupQueryAttention's
+    packed input (no separate key) is one layer whose rows are Q's heads, then K's, then V's."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     n_heads = attrs.get("num_heads")
     n_kv = attrs.get("kv_num_heads", n_heads)
     lin = lambda i: [by_output[n.output[0]] for n in g.upstream(node.input[i], is_linear)] if len(node.input) > i and node.input[i] else []  # noqa: E731
     o = [by_output[n.output[0]] for n in g.downstream(node.output[0], is_linear)]
-    q = k = v = fused = None
+    q = k = v = fused = rows = d = None
     if node.op_type == "Attention":  # QKV weights are an input of the op itself
         fused = node.name
-        q_in = lin(0)
         v_input = node.input[0]
     else:
         ql, kl, vl = lin(0), lin(1), lin(2)
         q, k, v = (x[0].node if len(x) == 1 else None for x in (ql, kl, vl))
-        if q and q == k == v:
-            fused, q, k, v = q, None, None, None
         v_input = (vl or ql)[0].input if (vl or ql) else None
-        q_in = ql
-    hidden = q_in[0].n if q_in and node.op_type != "Attention" else None
-    d = (hidden // n_heads) if hidden and n_heads and not fused else None
+        if q and node.op_type == "GroupQueryAttention" and not kl and n_heads and n_kv:
+            d = ql[0].n // (n_heads + 2 * n_kv)
+            rows = ((0, n_heads * d), (n_heads * d, (n_heads + n_kv) * d), ((n_heads + n_kv) * d, ql[0].n))
+            fused, q = q, None
+        elif q and q == k == v:
+            fused, q, k, v = q, None, None, None
+        elif ql and n_heads:
+            d = ql[0].n // n_heads
     causal = node.op_type == "GroupQueryAttention" or bool(attrs.get("unidirectional", 0))
-    rope = "fused" if attrs.get("do_rotary", 0) else None
+    if attrs.get("do_rotary", 0):
+        rope, cos, sin = "fused", node.input[7] or None, node.input[8] or None
+        interleaved = bool(attrs.get("rotary_interleaved", 0))
+    else:
+        rope, cos, sin = _rope(g, node.input[0])
+        rotary = g.producer.get(node.input[0])
+        interleaved = bool(_attr(rotary, "interleaved")) if rope == "RotaryEmbedding" else None
     return AttentionBlock(
         block_index(node.name), node.op_type, q, k, v, o[0].node if len(o) == 1 else None, fused,
-        n_heads, n_kv, d, causal, rope, node.input[0], node.input[1] if len(node.input) > 1 else None,
-        None, v_input,
+        n_heads, n_kv, d, causal, rope, node.input[0], node.input[1] if len(node.input) > 1 and node.input[1] else None,
+        None, v_input, cos, sin, rows, interleaved,
     )
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    """The value of attribute `name` of `node`, or None."""
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def cache_head_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Past key/value graph input -> head dimension, for the caches GroupQueryAttention ops read (onnxruntime-genai's
+    builder leaves that dimension symbolic; an empty cache must still have it). The packed QKV width comes from the
+    projection feeding the op: a float MatMul's weight or a MatMulNBits' N, through an optional bias Add."""
+    g = GraphIndex(model)
+    dims_of = {t.name: list(t.dims) for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+
+    def width(tensor: str) -> int | None:
+        node = g.producer.get(tensor)
+        if node is not None and node.op_type == "Add":
+            node = next((g.producer[t] for t in node.input if t in g.producer), None)
+        if node is None:
+            return None
+        if node.op_type == "MatMulNBits":
+            return _attr(node, "N")
+        weight = dims_of.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        return weight[-1] if weight else None
+
+    dims = {}
+    for n in g.nodes:
+        if n.domain == "com.microsoft" and n.op_type == "GroupQueryAttention" and n.input:
+            heads, kv = _attr(n, "num_heads"), _attr(n, "kv_num_heads")
+            separate = len(n.input) > 1 and n.input[1]  # a key input of its own, else Q, K and V packed in input 0
+            w = width(n.input[1] if separate else n.input[0])
+            if heads and kv and w:
+                dims.update({t: w // (kv if separate else heads + 2 * kv) for t in n.input[3:5] if t in inputs})
+    return dims
 
 
 def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import targets
-from .analysis import block_index, linear_layers
+from .analysis import block_index, block_numbers, linear_layers
 from .attention import attention_blocks
 from .io import load_model
 from .passes.metadata import read_provenance
@@ -292,7 +292,7 @@ def _structure(model: onnx.ModelProto, layers: list[Layer]) -> dict:
         layer.block = found.block if found else block_index(layer.name)
         layer.role = found.role if found else layer.role
         layer.attention = roles.get(layer.name)
-    blocks = {b for n in model.graph.node if (b := block_index(n.name)) is not None}
+    blocks = block_numbers(model)
     per_block = Counter(l.block for l in layers if l.block is not None and l.role != "rotation")
     return {
         "count": len(blocks),

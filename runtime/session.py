@@ -75,21 +75,38 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, thread
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < _PROTO_LIMIT:
-                return ort.InferenceSession(model.SerializeToString(), options, **kwargs)
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
-                return ort.InferenceSession(f"{tmp}/model.onnx", options, **kwargs)
-        if not Path(model).is_file():
+                session = ort.InferenceSession(model.SerializeToString(), options, **kwargs)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    onnx.save_model(model, f"{tmp}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+                    session = ort.InferenceSession(f"{tmp}/model.onnx", options, **kwargs)
+        elif not Path(model).is_file():
             raise OnnxqError(f"model file '{model}' not found: give an existing .onnx file")
-        return ort.InferenceSession(str(model), options, **kwargs)
+        else:
+            session = ort.InferenceSession(str(model), options, **kwargs)
+        return _with_cache_dims(session, model)
     except ORT_ERRORS as err:
         what = "the model" if isinstance(model, onnx.ModelProto) else Path(model).name
         raise OnnxqError(f"ONNX Runtime cannot load {what} ({ort_message(err)}): check that it runs in float "
                          "(onnxq eval) or re-export it") from None
 
 
-def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a fresh decoder run: input_ids, all-ones attention_mask, arange position_ids, empty past."""
+def _with_cache_dims(session: ort.InferenceSession, model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
+    """`session` knowing its KV-cache inputs' head size where the graph leaves it symbolic (onnxruntime-genai's builder
+    declares 'kv_cache_dim'), so an empty cache can be fed."""
+    if any(i.name.startswith("past_key_values") and not isinstance(i.shape[-1], int) for i in session.get_inputs()):
+        from onnxq.attention import cache_head_dims
+
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+        session.onnxq_head_dims = cache_head_dims(proto)
+    return session
+
+
+def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray,
+                head_dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Feeds for a fresh decoder run: input_ids, all-ones attention_mask, arange position_ids, empty past.
+    `head_dims` gives past inputs' last dimension where the graph leaves it symbolic (default: what `make_session`
+    found in the session's own graph; a piece without the attention ops needs the whole model's)."""
     batch, seq = input_ids.shape
     feeds = {}
     for arg in session.get_inputs():
@@ -104,6 +121,9 @@ def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray) -> dict[st
             feeds[arg.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
         elif arg.name.startswith("past_key_values"):
             shape = [batch] + [d if isinstance(d, int) else 0 for d in arg.shape[1:]]
+            dims = head_dims if head_dims is not None else getattr(session, "onnxq_head_dims", {})
+            if arg.name in dims:
+                shape[-1] = dims[arg.name]
             feeds[arg.name] = np.zeros(shape, dtype=dtype)
         else:
             raise OnnxqError(f"model input '{arg.name}' ({arg.type}) is not one onnxq can feed: "
