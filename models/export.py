@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ def hf_folder(name: str) -> Path:
     """Registry model `name` as an fp32 safetensors Hugging Face folder, converted from its GGUF once and cached."""
     final = cache_dir() / "hf" / name
     if (final / "config.json").is_file():
+        fix_registry_tokenizer(final)  # caches written before the fix
         return final
     gguf = gguf_path(name)
     _offline()
@@ -65,8 +67,57 @@ def hf_folder(name: str) -> Path:
         model.is_quantized = False
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        fix_registry_tokenizer(tmp)
         (tmp / "tokenizer.model").unlink(missing_ok=True)  # a 98 MB copy nothing here reads
     return final
+
+
+# SmolLM2's own tokenizer conventions, which its GGUF conversion loses: no BOS in normal use, <|im_end|> ends a turn,
+# a GPT-2 byte-level tokenizer (the conversion names it Llama, prepends <|im_start|> and chains Metaspace decoders)
+_TOKENIZER_CONFIG = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_prefix_space": False}
+_EOS = ("<|im_end|>", 2)
+_BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+
+def fix_registry_tokenizer(folder: Path) -> None:
+    """Give the GGUF-converted tokenizer files of a registry model in `folder` the model's own conventions (no BOS
+    added, its EOS, a ByteLevel decoder, GPT2Tokenizer); idempotent: tokenizer_config.json, written last, says done."""
+    cfg_path, tok_path, map_path = (folder / f for f in ("tokenizer_config.json", "tokenizer.json",
+                                                         "special_tokens_map.json"))
+    if not (cfg_path.is_file() and tok_path.is_file()):
+        return
+    cfg = json.loads(cfg_path.read_text())
+    fixed = cfg | _TOKENIZER_CONFIG | {"eos_token": _with_content(cfg.get("eos_token"), _EOS[0])}
+    fixed |= {"eos_token_id": _EOS[1]} if "eos_token_id" in cfg else {}
+    if fixed == cfg:
+        return
+    tok = json.loads(tok_path.read_text())
+    if (tok.get("post_processor") or {}).get("type") == "TemplateProcessing":
+        tok["post_processor"] = None  # it prepends <|im_start|> to every text
+    tok["decoder"] = _BYTE_LEVEL_DECODER
+    _write_json(tok_path, tok)
+    if map_path.is_file():
+        special = json.loads(map_path.read_text())
+        _write_json(map_path, special | {"eos_token": _with_content(special.get("eos_token"), _EOS[0])})
+    _write_json(cfg_path, fixed)
+
+
+def _with_content(token: str | dict | None, text: str) -> str | dict:
+    """`text` in the form `token` has: a plain string, or an AddedToken dict with its content replaced."""
+    return token | {"content": text} if isinstance(token, dict) else text
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON to `path` through a temp file in the same folder and a rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _registry_cache(folder: Path) -> bool:
+    """Whether `folder` is a registry model's cached conversion or export (`cache_dir()/{hf,onnx}/<name>[-past]`)."""
+    root, folder = cache_dir().resolve(), folder.resolve()
+    return folder.parent in (root / "hf", root / "onnx") and folder.name.removesuffix("-past") in REGISTRY
 
 
 def _fingerprint(folder: Path) -> str:
@@ -82,16 +133,20 @@ def _fingerprint(folder: Path) -> str:
 def export_onnx(source: str | Path, out_dir: str | Path | None = None, *, with_past: bool = False) -> Path:
     """Export a registry model or a Hugging Face folder with optimum; returns `<out_dir>/model.onnx`.
 
-    The default `out_dir` is `cache_dir()/onnx/<name>[-past]`; an existing export there is reused.
+    The default `out_dir` is `cache_dir()/onnx/<name>[-past]`; an existing export there is reused. A registry
+    model's tokenizer files beside it follow the model's own conventions (`fix_registry_tokenizer`).
     """
     folder = Path(source)
-    if folder.is_dir():
-        name = f"{folder.name}-{_fingerprint(folder)}"
-    else:
+    registry = not folder.is_dir()
+    if registry:
         name = get(str(source)).name
         folder = hf_folder(name)
+    else:
+        name = f"{folder.name}-{_fingerprint(folder)}"
     out = Path(out_dir) if out_dir is not None else cache_dir() / "onnx" / (name + ("-past" if with_past else ""))
     if (out / "model.onnx").is_file():
+        if registry:
+            fix_registry_tokenizer(out)  # exports written before the fix
         return out / "model.onnx"
     if out.is_dir() and any(out.iterdir()):
         raise OnnxqError(f"output folder {out} is not empty and holds no model.onnx: give a new or empty folder")
@@ -109,6 +164,8 @@ def export_onnx(source: str | Path, out_dir: str | Path | None = None, *, with_p
             msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise OnnxqError(f"ONNX export of {folder} failed ({type(err).__name__}: {msg}): "
                              "check that it is a causal LM that optimum supports") from err
+        if registry:
+            fix_registry_tokenizer(tmp)
     return out / "model.onnx"
 
 
@@ -144,6 +201,8 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     _offline()
     from transformers import AutoTokenizer
 
+    if _registry_cache(folder):
+        fix_registry_tokenizer(folder)  # caches written before the fix
     if (folder / "tokenizer.json").is_file():
         if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -187,6 +187,9 @@ def eval_cmd(
     text: str = typer.Option("sotu-eval", help="evaluation text: sotu-eval, a .txt file or a folder"),
     tokens: int = typer.Option(4096, help="evaluate the first N tokens"),
     seq_len: int = typer.Option(512, help="window length (non-overlapping)"),
+    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="start each window with "
+                                        "the ids the tokenizer puts before a text (e.g. BOS; not scored), as in normal "
+                                        "use; --no-special-tokens: text tokens only"),
     ep: str = typer.Option("cpu", help="ORT execution provider: cpu, cuda, ... (perplexity), or openvino, web-wasm, "
                            "web-webgpu (edge check only; docs/edge.md)"),
     edge: Optional[bool] = typer.Option(None, "--edge/--no-edge", help="edge check of the quantized (else float) model "
@@ -216,7 +219,8 @@ def eval_cmd(
     edge_only = ep in ("openvino", "web-wasm", "web-webgpu")
     rep = None
     if not edge_only:
-        rep = evaluate(fpath, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep)
+        rep = evaluate(fpath, quant_model, text=text, tokens=tokens, seq_len=seq_len, ep=ep,
+                       special_tokens=special_tokens)
         print(rep.markdown())
         if report:
             rep.save(report)
@@ -227,7 +231,7 @@ def eval_cmd(
 
         if ep not in EDGE_EPS:
             raise OnnxqError(f"the edge check runs on {', '.join(EDGE_EPS)}, not {ep!r}")
-        prompt = token_windows(load_tokenizer(fpath), load_text(text), prompt_tokens, 1)
+        prompt = token_windows(load_tokenizer(fpath), load_text(text), prompt_tokens, 1, special_tokens=special_tokens)
         erep = edge_eval(quant_model or fpath, ep, prompt, threads=threads or None, runs=runs)
         print(erep.markdown())
         if report:

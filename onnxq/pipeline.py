@@ -103,7 +103,7 @@ def quantize(
     check_external_data(proto, path)
     if not to_folder:
         check_output_path(output, path, proto)
-    reads = _normalize_reads(proto)
+    reads = _normalize_reads(proto, folder)
     load_tensor_data(reads, folder)
     keep, reads = [t.name for t in reads], None  # (a tensor wrapper would keep the whole loaded proto alive)
     proto, memory = detach_weights(proto, keep=keep)  # inline weights leave the proto too: it stays small
@@ -461,10 +461,14 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
                    f"R4 ({r4} of {len(online)} MLP down projections{skipped})")
 
 
-def _normalize_reads(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Initializers normalize may rewrite (weights of Gemm, Transpose-fed weights): loaded before it runs."""
+def _normalize_reads(model: onnx.ModelProto, folder: str) -> list[onnx.TensorProto]:
+    """Initializers normalize may rewrite (weights of Gemm, Transpose-fed weights, likely copies of one weight, read
+    from the model's `folder`): loaded before it runs."""
+    from .passes.normalize import duplicate_candidates
+
     names = {t for n in model.graph.node if n.op_type in ("Gemm", "Transpose")
              for t in (n.input[1:3] if n.op_type == "Gemm" else n.input[:1])}
+    names |= duplicate_candidates(model, folder)
     return [t for t in model.graph.initializer if t.name in names]
 
 

@@ -32,6 +32,8 @@ class EvalReport:
     quant: ModelScore | None
     output_error: dict = field(default_factory=dict)
     quantize: dict = field(default_factory=dict)
+    special_tokens: bool = True  # windows start with the tokenizer's prefix ids (`prefix`, e.g. [BOS]; may be [])
+    prefix: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -45,7 +47,7 @@ class EvalReport:
                 rows.append(f"| {tag} `{Path(s.path).name}` | {s.ppl:.3f} | {s.size_mb:.1f} | {s.eval_seconds:.1f} |")
         head = (
             f"Perplexity on `{self.text}`: {self.tokens} tokens in non-overlapping {self.seq_len}-token windows, "
-            f"ONNX Runtime {self.ep.upper()} EP."
+            f"ONNX Runtime {self.ep.upper()} EP{self._prefix_words()}."
         )
         extra = []
         if self.output_error:
@@ -61,6 +63,12 @@ class EvalReport:
                 f"{q.get('solve_seconds')} s solve), peak RSS {q.get('peak_rss_mb')} MiB, {q.get('calib_tokens')} calibration tokens."
             )
         return "\n".join([head, "", *rows, "", *extra]) + "\n"
+
+    def _prefix_words(self) -> str:
+        """How the windows start, in words ("" for text only, the tokenizer adding nothing)."""
+        if not self.special_tokens:
+            return "; no special tokens"
+        return f"; each window starts with the tokenizer's prefix ids {self.prefix}, not scored" if self.prefix else ""
 
     def save(self, stem: str | Path) -> tuple[Path, Path]:
         """Write `<stem>.json` and `<stem>.md`."""
@@ -108,25 +116,29 @@ def evaluate(
     seq_len: int = 512,
     ep: str = "cpu",
     tokenizer_from: str | Path | None = None,
+    special_tokens: bool = True,
 ) -> EvalReport:
-    """Score the float and/or quantized model on the first `tokens` tokens of `text` (same windows for both)."""
+    """Score the float and/or quantized model on the first `tokens` tokens of `text` (same windows for both); with
+    `special_tokens`, each window starts with the tokenizer's prefix ids (e.g. BOS), which are never scored."""
     from .models.export import load_tokenizer, resolve_model
     from .runtime.evaluate import file_size, output_error, perplexity
-    from .textdata import load_text, token_windows
+    from .textdata import load_text, special_prefix, token_windows
 
     fpath = resolve_model(str(float_model)) if float_model else None
     qpath = Path(quant_model) if quant_model else None
     if qpath is not None and qpath.is_dir() and (qpath / "model.onnx").is_file():  # a generation-ready folder
         qpath = qpath / "model.onnx"
     tok = load_tokenizer(Path(tokenizer_from) if tokenizer_from else (fpath or qpath))
-    windows = token_windows(tok, load_text(text), seq_len, max(tokens // seq_len, 1))
+    windows = token_windows(tok, load_text(text), seq_len, max(tokens // seq_len, 1), special_tokens=special_tokens)
+    prefix = special_prefix(tok) if special_tokens else []
 
     def score(p: Path) -> ModelScore:
         t = time.perf_counter()
-        ppl = perplexity(p, windows, ep=ep)
+        ppl = perplexity(p, windows, ep=ep, context=max(1, len(prefix)))
         return ModelScore(str(p), float(ppl), file_size(p) / 2**20, round(time.perf_counter() - t, 2))
 
     f = score(Path(fpath)) if fpath else None
     q = score(qpath) if qpath else None
     err = output_error(fpath, qpath, windows[:1], ep=ep) if fpath and qpath else {}
-    return EvalReport(str(text), int(windows.size), seq_len, ep, f, q, err)
+    return EvalReport(str(text), int(windows.size), seq_len, ep, f, q, err, special_tokens=special_tokens,
+                      prefix=[int(i) for i in prefix])

@@ -48,23 +48,40 @@ def load_text(source: str | Path) -> str:
     return text
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids `tokenizer` puts before a text in normal use (e.g. [BOS]); [] if it adds none."""
+    plain = tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if at is None:
+        raise OnnxqError("the tokenizer encodes a text differently with and without its special tokens: "
+                         "pass special_tokens=False (--no-special-tokens)")
+    return list(full[:at])
+
+
 def token_windows(tokenizer: Any, text: str, seq_len: int, n_windows: int | None = None, *,
-                  seed: int = 0, random: bool = False) -> np.ndarray:
+                  seed: int = 0, random: bool = False, special_tokens: bool = True) -> np.ndarray:
     """Non-overlapping `[n, seq_len]` int64 token windows: contiguous from the start, or at seeded random offsets.
 
-    `n_windows=None` takes every window that fits; no special tokens are added.
+    With `special_tokens`, each window starts with the tokenizer's `special_prefix` (e.g. BOS), then seq_len minus
+    that many text tokens; without, text tokens only. `n_windows=None` takes every window that fits.
     """
+    prefix = np.asarray(special_prefix(tokenizer) if special_tokens else [], dtype=np.int64)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise OnnxqError(f"windows of {seq_len} tokens leave no room for text after the tokenizer's {len(prefix)} "
+                         "prefix tokens: use a longer sequence length")
     ids = np.asarray(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
-    fit = len(ids) // seq_len
+    fit = len(ids) // body
     if fit == 0:
-        raise OnnxqError(f"calibration text has {len(ids)} tokens; need at least {seq_len}: give more text with --calib")
+        raise OnnxqError(f"calibration text has {len(ids)} tokens; need at least {body}: give more text with --calib")
     n = fit if n_windows is None else n_windows
     if not 0 < n <= fit:
-        raise OnnxqError(f"text has {len(ids)} tokens, room for {fit} windows of {seq_len}, not {n}: "
+        raise OnnxqError(f"text has {len(ids)} tokens, room for {fit} windows of {body}, not {n}: "
                          "give more text with --calib or ask for fewer windows")
-    if not random:
-        return ids[: n * seq_len].reshape(n, seq_len)
-    # Uniform over all placements of n disjoint windows: n sorted picks among slack + n slots, spread apart.
-    picks = np.sort(np.random.default_rng(seed).choice(len(ids) - n * seq_len + n, size=n, replace=False))
-    starts = picks + np.arange(n) * (seq_len - 1)
-    return np.stack([ids[s: s + seq_len] for s in starts])
+    if random:  # uniform over all placements of n disjoint windows: n sorted picks among slack + n slots, spread apart
+        picks = np.sort(np.random.default_rng(seed).choice(len(ids) - n * body + n, size=n, replace=False))
+        windows = np.stack([ids[s: s + body] for s in picks + np.arange(n) * (body - 1)])
+    else:
+        windows = ids[: n * body].reshape(n, body)
+    return np.concatenate([np.broadcast_to(prefix, (n, len(prefix))), windows], axis=1)

@@ -28,22 +28,28 @@ def _check_windows(windows: np.ndarray) -> None:
         raise OnnxqError(f"token windows must be [n >= 1, seq_len >= 2], got {list(windows.shape)}")
 
 
-def perplexity(model: Model, windows: np.ndarray, ep: str = "cpu", *, disabled_optimizers: list[str] | None = None) -> float:
+def perplexity(model: Model, windows: np.ndarray, ep: str = "cpu", *, context: int = 1,
+               disabled_optimizers: list[str] | None = None) -> float:
     """exp(mean next-token NLL) over all predicted tokens of all windows.
 
-    Method: each row of `windows` is run alone as a fresh sequence (batch 1, positions 0..L-1, empty cache, no BOS
-    added); the logits at position t score token t+1, so a window of L tokens predicts L-1 tokens and its first token
-    is never predicted. Log-softmax is taken in float64; the NLLs of all windows are pooled, averaged, exponentiated.
-    `disabled_optimizers` names ORT graph transformers to switch off (e.g. QDQSelectorActionTransformer).
+    Method: each row of `windows` is run alone as a fresh sequence (batch 1, positions 0..L-1, empty cache, nothing
+    added: a tokenizer's BOS is in the window already); the logits at position t score token t+1, and the first
+    `context` tokens (at least the first; the tokenizer's prefix ids, e.g. BOS) are never predicted, so a window of
+    L tokens predicts L - context tokens. Log-softmax is taken in float64; the NLLs of all windows are pooled,
+    averaged, exponentiated. `disabled_optimizers` names ORT graph transformers to switch off (e.g.
+    QDQSelectorActionTransformer).
     """
     _check_windows(windows)
+    if not 1 <= context < windows.shape[1]:
+        raise OnnxqError(f"context {context} leaves nothing to predict in windows of {windows.shape[1]}: "
+                         "use longer windows")
     session = make_session(model, ep, disabled_optimizers=disabled_optimizers)
     total, count = 0.0, 0
     for window in windows:
-        logits = _logits(session, window[None])[0, :-1].astype(np.float64)
+        logits = _logits(session, window[None])[0, context - 1:-1].astype(np.float64)
         peak = logits.max(axis=-1)
         lse = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-        total += float((lse - logits[np.arange(len(logits)), window[1:]]).sum())
+        total += float((lse - logits[np.arange(len(logits)), window[context:]]).sum())
         count += len(logits)
     return math.exp(total / count)
 

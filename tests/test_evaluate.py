@@ -35,12 +35,13 @@ def windows():
     return np.random.default_rng(0).integers(0, VOCAB, (3, 24), dtype=np.int64)
 
 
-def torch_perplexity(model, windows: np.ndarray) -> float:
-    """Reference: each row a fresh sequence, tokens 1..L-1 predicted, NLL pooled over rows."""
+def torch_perplexity(model, windows: np.ndarray, context: int = 1) -> float:
+    """Reference: each row a fresh sequence, tokens context..L-1 predicted, NLL pooled over rows."""
     ids = torch.from_numpy(windows)
     with torch.no_grad():
         logits = model(ids).logits.double()
-    return math.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1)))
+    return math.exp(torch.nn.functional.cross_entropy(logits[:, context - 1:-1].reshape(-1, VOCAB),
+                                                      ids[:, context:].reshape(-1)))
 
 
 def test_perplexity_matches_torch(tiny, windows):
@@ -49,6 +50,15 @@ def test_perplexity_matches_torch(tiny, windows):
     assert perplexity(path, windows) == pytest.approx(ref, rel=1e-4)
     assert perplexity(past_path, windows) == pytest.approx(ref, rel=1e-4)  # empty past fed correctly
     assert perplexity(path, windows[:1]) == pytest.approx(torch_perplexity(model, windows[:1]), rel=1e-4)
+
+
+def test_perplexity_skips_the_context_tokens(tiny, windows):
+    """Windows that start with a tokenizer's prefix ids (context 3 here) never score predictions of them."""
+    model, path, _ = tiny
+    assert perplexity(path, windows, context=3) == pytest.approx(torch_perplexity(model, windows, 3), rel=1e-4)
+    for context in (0, 24):
+        with pytest.raises(OnnxqError, match="leaves nothing to predict"):
+            perplexity(path, windows, context=context)
 
 
 def test_feeds_for_a_with_past_model(tiny):
@@ -120,3 +130,44 @@ def test_perplexity_with_ort_fusion_off(tiny, windows, tmp_path):
     fused = perplexity(tmp_path / "qdq.onnx", windows)
     assert unfused == pytest.approx(exact, rel=1e-5)
     assert abs(fused - exact) > 1e-5 * exact
+
+
+@pytest.fixture(scope="module")
+def bos_llama(tmp_path_factory):
+    """The tiny Llama (vocab 258) with a byte tokenizer that puts <s> (id 0) before every text, as Llama's do."""
+    from tests.tiny import byte_tokenizer, tiny_llama_onnx
+
+    path = tiny_llama_onnx(tmp_path_factory.mktemp("bos"), vocab=258)
+    byte_tokenizer(bos=True).save_pretrained(path.parent)
+    return path
+
+
+def test_eval_windows_start_with_the_tokenizer_s_bos(bos_llama):
+    from onnxq.models.export import load_tokenizer
+    from onnxq.report import evaluate
+    from onnxq.textdata import load_text, token_windows
+
+    rep = evaluate(bos_llama, tokens=96, seq_len=32)
+    windows = token_windows(load_tokenizer(bos_llama), load_text("sotu-eval"), 32, 3)
+    assert (windows[:, 0] == 0).all() and rep.tokens == windows.size
+    assert rep.special_tokens and rep.prefix == [0] and rep.to_dict()["prefix"] == [0]
+    assert rep.float.ppl == pytest.approx(perplexity(bos_llama, windows), rel=1e-9)  # BOS never predicted
+    assert "prefix ids [0]" in rep.markdown()
+    off = evaluate(bos_llama, tokens=96, seq_len=32, special_tokens=False)
+    assert not off.special_tokens and off.prefix == [] and "no special tokens" in off.markdown()
+    assert off.float.ppl != pytest.approx(rep.float.ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("flag,special,prefix", [([], True, [0]), (["--no-special-tokens"], False, [])])
+def test_cli_eval_records_the_special_tokens(bos_llama, tmp_path, flag, special, prefix):
+    import json
+
+    from typer.testing import CliRunner
+
+    from onnxq.cli import app
+
+    res = CliRunner().invoke(app, ["eval", str(bos_llama), "--tokens", "64", "--seq-len", "32", *flag,
+                                   "--report", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["special_tokens"] is special and data["prefix"] == prefix

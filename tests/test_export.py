@@ -130,6 +130,58 @@ def test_load_tokenizer_beside_the_model(hf_dir, tmp_path):
         load_tokenizer(tmp_path / "bare" / "model.onnx")
 
 
+def converted_tokenizer(folder) -> None:
+    """Tokenizer files as the registry's GGUF conversion writes them: a byte-level BPE named Llama, <|im_start|> as
+    BOS (prepended to every text) and as EOS, a Metaspace-style decoder chain."""
+    from tokenizers import decoders
+    from transformers import LlamaTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({c: i + 3 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
+                                     decoders.ByteLevel()])
+    LlamaTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_start|>",
+                       unk_token="<|endoftext|>", add_bos_token=True).save_pretrained(folder)
+
+
+def test_registry_tokenizer_gets_the_model_s_conventions(cache, tmp_path):
+    """A cached conversion written before the fix is repaired on load: no BOS, EOS <|im_end|>, same text ids."""
+    from onnxq.textdata import special_prefix
+
+    folder = cache / "onnx" / "smollm2"
+    converted_tokenizer(folder)
+    converted_tokenizer(tmp_path / "elsewhere")
+    text = "Héllo wörld, <|im_end|> 42!"
+    before = load_tokenizer(tmp_path / "elsewhere" / "model.onnx")  # not a registry cache: left as it is
+    assert special_prefix(before) == [1] and before.eos_token == "<|im_start|>"
+    tok = load_tokenizer(folder / "model.onnx")
+    assert type(tok).__name__ == "GPT2TokenizerFast" and special_prefix(tok) == []
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token) == ("<|im_end|>", 2, "<|im_start|>")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == before(text, add_special_tokens=False)["input_ids"] and tok.decode(ids) == text
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    load_tokenizer(folder)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps  # fixed once
+
+
+def test_cached_registry_export_is_fixed(cache):
+    from onnxq.textdata import special_prefix
+
+    (cache / "hf" / "smollm2").mkdir(parents=True)
+    (cache / "hf" / "smollm2" / "config.json").write_text("{}")
+    converted_tokenizer(cache / "onnx" / "smollm2-past")
+    (cache / "onnx" / "smollm2-past" / "model.onnx").write_bytes(b"")
+    path = export_onnx("smollm2", with_past=True)
+    config = json.loads((path.parent / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["add_bos_token"] is False
+    assert json.loads((path.parent / "tokenizer.json").read_text())["post_processor"] is None
+    assert special_prefix(PreTrainedTokenizerFast(tokenizer_file=str(path.parent / "tokenizer.json"))) == []
+
+
 @pytest.mark.slow
 def test_smollm2_exports_with_30_layers_and_finite_perplexity(monkeypatch):
     from onnxq.runtime.evaluate import perplexity

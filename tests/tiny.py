@@ -33,9 +33,10 @@ def tiny_llama(*, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vo
     return LlamaForCausalLM(config).eval()
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: ids 0/1 are <s>/</s>, then the 256 bytes (vocab 258)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(*, bos: bool = False):
+    """A byte-level BPE tokenizer with no merges: ids 0/1 are <s>/</s>, then the 256 bytes (vocab 258); with `bos`,
+    it puts <s> before every text (a TemplateProcessing post-processor, as Llama's tokenizers do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<s>": 0, "</s>": 1}
@@ -43,6 +44,9 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
@@ -75,9 +79,13 @@ def tiny_bert(*, layers=2, hidden=64, heads=4, intermediate=128, vocab=256, seed
     return BertModel(config).eval()
 
 
-def tiny_llama_onnx(tmp_path: Path, *, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0) -> Path:
-    """`tiny_llama(...)` exported by optimum (task text-generation, no KV cache): path of model.onnx in tmp_path."""
+def tiny_llama_onnx(tmp_path: Path, *, layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=256, seed=0,
+                    tied=False) -> Path:
+    """`tiny_llama(...)` exported by optimum (task text-generation, no KV cache): path of model.onnx in tmp_path.
+
+    With `tied`, the LM head reads Transpose(embedding) (optimum's deduplication of the tied weight)."""
     args = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, intermediate=intermediate, vocab=vocab, seed=seed)
+    args |= {"tied": True} if tied else {}
     return _copy(_export("llama", "text-generation", True, tuple(args.items())), Path(tmp_path))
 
 
