@@ -69,6 +69,8 @@ def quantize(
     grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
     calib_windows: int = typer.Option(16, help="number of calibration windows (x seq-len tokens)"),
+    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="start each calibration "
+                                        "and --eval window with the prefix (e.g. BOS) the tokenizer adds for normal use"),
     calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
     refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
@@ -127,6 +129,7 @@ def quantize(
         refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, block_tune_alpha=block_tune_alpha, true_sequential=true_sequential, v_row_factor=v_row_factor,
         up_row_factor=up_row_factor,
         bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
+        special_tokens=special_tokens,
         accuracy_level=accuracy_level, exclude=None if exclude is None else list(exclude), head_bits=head_bits,
         head_group=head_group, seed=seed, device=device, target=target,
     ).for_output(output.suffix != ".onnx").validate()
@@ -141,6 +144,8 @@ def quantize(
         f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
         f"peak RSS {qrep.peak_rss_mb:.0f} MiB"
     )
+    for note in qrep.notes:
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
     if qrep.deploy:
         from .deploy.generate import generate
 
@@ -153,7 +158,7 @@ def quantize(
     if eval or report:
         from .report import evaluate
 
-        erep = evaluate(qrep.model, qrep.output, ep=ep)
+        erep = evaluate(qrep.model, qrep.output, ep=ep, special_tokens=special_tokens)
         erep.quantize = {k: v for k, v in qrep.to_dict().items() if k != "layer_losses"}
         print(erep.markdown())
         if report:
@@ -261,6 +266,8 @@ def inspect(
     """Summarize a model: ops, parameters by precision, quantized layers, attention map, provenance."""
     from .inspect import inspect_model, render
 
+    if model.is_dir() and (model / "genai_config.json").is_file():  # a generation-ready folder: its graph
+        model = model / "model.onnx"
     info = inspect_model(model, target=target, diff=diff)
     if as_json:
         print(json.dumps(info, indent=2))

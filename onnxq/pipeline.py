@@ -42,6 +42,7 @@ class QuantReport:
     total_seconds: float
     peak_rss_mb: float
     layer_losses: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
 
     def to_dict(self) -> dict:
@@ -119,7 +120,8 @@ def quantize(
         windows = np.zeros((0, 0), np.int64)
     elif windows is None:
         text = load_text(calib)
-        windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed, random=True)
+        windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed,
+                                random=True, special_tokens=recipe.special_tokens)
     elif windows.ndim != 2 or windows.size == 0:
         raise OnnxqError("calibration windows must be a non-empty [n, seq_len] array of token ids")
     weights = {t.name: t for t in proto.graph.initializer}
@@ -166,6 +168,7 @@ def quantize(
         total_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_mb=round(_peak_rss_mb(), 1),
         layer_losses=losses,
+        notes=solved.notes,
         deploy=written,
     )
 
@@ -240,6 +243,7 @@ class _Solved:
     losses: dict[str, float] = field(default_factory=dict)
     calib_s: float = 0.0
     solve_s: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the run could not do as asked, for the user
 
 
 def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:
@@ -260,9 +264,15 @@ def _blockwise(
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
     attn_by_block: dict[int, list] = {}
     if recipe.algo in ("boa", "turboboa"):
+        fused = []
         for a in attention_blocks(proto):
             if a.kind == "unfused" and a.n_heads and a.block is not None:
                 attn_by_block.setdefault(a.block, []).append(a)
+            elif a.block is not None:
+                fused.append(a)
+        if fused:
+            solved.notes.append(f"{recipe.algo}: {len(fused)} attention blocks are fused ({fused[0].kind}): their Q/K/V "
+                                "projections were solved as plain layers, without per-head attention statistics")
     mlp_by_block: dict[int, list[GatedMlp]] = {}
     if recipe.up_row_factor:
         for m in gated_mlps(proto):

@@ -40,6 +40,7 @@ class QuantRecipe:
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
     rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (passes/rotate.py)
+    special_tokens: bool = True  # calibration windows start with the prefix (BOS) the tokenizer adds for normal use
     calib_windows: int = 16
     calib_seq_len: int = 512
     accuracy_level: int | None = None  # None: 0 (exact fp32 activations) for a .onnx file, 4 (int8, the builder's

@@ -28,7 +28,14 @@ def sotu_files(years: range) -> list[Path]:
 
 
 def _read(files: list[Path]) -> str:
-    return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in files)
+    """The files' texts joined by blank lines; a file that is not UTF-8 fails in one line."""
+    texts = []
+    for p in files:
+        try:
+            texts.append(p.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as err:
+            raise OnnxqError(f"text file {p} is not UTF-8 (byte {err.start}): save it as UTF-8") from None
+    return "\n\n".join(texts)
 
 
 def load_text(source: str | Path) -> str:

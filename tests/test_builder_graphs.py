@@ -96,6 +96,7 @@ def test_quantized_file_computes_its_fake_quant_reference(built, tmp_path, algo)
     recipe = QuantRecipe(algo=algo, bits=4, group_size=32, calib_windows=4, calib_seq_len=32)
     rep = quantize(path, recipe, out, windows=WINDOWS, progress=False)
     assert rep.layers == 10 and all(np.isfinite(v) for v in rep.layer_losses.values()) == (algo != "rtn")
+    assert any("solved as plain layers" in n for n in rep.notes) == (algo == "turboboa")  # said, not silent
     quant = onnx.load(str(out), load_external_data=False)
     weights = {n.name: _dequantized(quant, out.parent, n) for n in quant.graph.node if n.op_type == "MatMulNBits"}
     reference = onnx.load(str(path))
