@@ -18,6 +18,7 @@ from onnxq.io import read_array
 from onnxq.models.export import export_onnx
 from onnxq.packing import unpack_nbits
 from onnxq.passes.metadata import read_provenance
+from onnxq.passes.rewrite import add_output_bias
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.evaluate import file_size
@@ -81,30 +82,46 @@ def _dequantized(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.nda
     return ((codes.astype(np.int64) - zeros) * scales[:, cols]).T.astype(np.float32)
 
 
-def test_folder_matches_the_fake_quant_analysis_export(hf, tmp_path):
-    """The quantized genai graph (exact activations) against optimum's float graph holding the stored weights."""
+def _bias(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.ndarray | None:
+    """A MatMulNBits node's bias input [N], if it has one."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return read_array(inits[node.input[5]], str(folder)) if len(node.input) > 5 and node.input[5] else None
+
+
+QKV = {"q_proj": (0, 64), "k_proj": (64, 96), "v_proj": (96, 128)}  # 4 heads, 2 KV heads, head_dim 16: column ranges
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_folder_matches_the_fake_quant_analysis_export(hf, tmp_path, bias_correction):
+    """The quantized genai graph (exact activations) against optimum's float graph holding the stored weights and
+    output biases (the folder keeps them as MatMulNBits bias inputs)."""
     out = tmp_path / "deploy"
-    quantize(str(hf), QuantRecipe(algo="gptq", bits=4, group_size=32, accuracy_level=0), out, windows=WINDOWS,
-             progress=False)
+    recipe = QuantRecipe(algo="gptq", bits=4, group_size=32, accuracy_level=0, bias_correction=bias_correction)
+    quantize(str(hf), recipe, out, windows=WINDOWS, progress=False)
     deployed = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    weights = {n.name: _dequantized(deployed, out, n) for n in deployed.graph.node if n.op_type == "MatMulNBits"}
+    stored = {n.name: (_dequantized(deployed, out, n), _bias(deployed, out, n)) for n in deployed.graph.node
+              if n.op_type == "MatMulNBits"}
+    assert all(b is not None for _, b in stored.values()) == bias_correction
+    assert "Add" not in {n.op_type for n in deployed.graph.node}
     ref = onnx.load(str(export_onnx(hf)))
     inits = {t.name: t for t in ref.graph.initializer}
+    biases = {}
     for node in ref.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
             continue
         name = node.name.replace("self_attn", "attn")
         proj = name.split("/")[-2]
-        if proj in ("q_proj", "k_proj", "v_proj"):
-            packed = weights[name.replace(proj, "qkv_proj")]
-            sizes = {"q_proj": 64, "k_proj": 32, "v_proj": 32}  # 4 heads, 2 KV heads, head_dim 16
-            start = {"q_proj": 0, "k_proj": 64, "v_proj": 96}[proj]
-            value = packed[:, start:start + sizes[proj]]
-        else:
-            value = weights[name]
-        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(value, node.input[1]))
+        lo, hi = QKV.get(proj, (None, None))
+        value, bias = stored[name.replace(proj, "qkv_proj") if proj in QKV else name]
+        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(value[:, lo:hi].copy(), node.input[1]))
+        if bias is not None:
+            biases[node.name] = bias[lo:hi]
+    head, head_bias = stored["/lm_head/MatMul"]  # the tied head reads Transpose(embedding): set through the embedding
+    if head_bias is not None:
+        biases["/lm_head/MatMul"] = head_bias
+    add_output_bias(ref, biases)
     embed = next(n for n in ref.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
-    inits[embed.input[0]].CopyFrom(onnx.numpy_helper.from_array(weights["/lm_head/MatMul"].T.copy(), embed.input[0]))
+    inits[embed.input[0]].CopyFrom(onnx.numpy_helper.from_array(head.T.copy(), embed.input[0]))
     ids = WINDOWS[:2]
     session = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = session.run(["logits"], model_feeds(session, ids))[0]

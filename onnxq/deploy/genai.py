@@ -23,7 +23,7 @@ from onnxq.errors import OnnxqError
 from onnxq.io import load_model, read_array, save_model_atomic
 from onnxq.passes.metadata import add_provenance
 from onnxq.passes.normalize import Names, remove_unused
-from onnxq.passes.rewrite import MS_DOMAIN, QuantizedWeight, add_output_bias, to_matmulnbits
+from onnxq.passes.rewrite import MS_DOMAIN, QuantizedWeight, to_matmulnbits
 
 HEAD = "/lm_head/MatMul"
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -121,6 +121,20 @@ def _const(graph: onnx.ModelProto, names: Names, name: str, value: np.ndarray) -
     return tensor.name
 
 
+def _bias_inputs(graph: onnx.ModelProto, biases: dict[str, np.ndarray]) -> None:
+    """Each output bias as its MatMulNBits' own bias input (index 5; the CPU and CUDA kernels add it in place, where a
+    separate Add node costs a pass over the output)."""
+    names = Names(graph.graph)
+    nodes = {n.name: n for n in graph.graph.node}
+    for name, bias in biases.items():
+        node = nodes[name]
+        dtype = _dtype(graph, node.input[2])
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        inputs.append(_const(graph, names, f"{name}.bias", np.ascontiguousarray(bias, dtype=dtype).reshape(-1)))
+        del node.input[:]
+        node.input.extend(inputs)
+
+
 def write_folder(build: Path, weights: dict[str, list[QuantizedWeight]], biases: dict[str, np.ndarray], *,
                  accuracy_level: int, provenance: dict, out: Path) -> dict:
     """Write the builder's graph in `build` with `weights` (builder MatMul -> parts along N) and output `biases` as a
@@ -129,8 +143,7 @@ def write_folder(build: Path, weights: dict[str, list[QuantizedWeight]], biases:
     graph = load_model(src, load_weights=False)
     packed = {name: packed_weight(parts, name) for name, parts in weights.items()}
     to_matmulnbits(graph, packed, accuracy_level=accuracy_level)
-    if biases:
-        add_output_bias(graph, biases)
+    _bias_inputs(graph, biases)
     config = json.loads((build / "genai_config.json").read_text())
     hidden = config["model"]["decoder"]["hidden_size"]
     embedding = quantized_embedding(graph, hidden) if HEAD in packed else False
