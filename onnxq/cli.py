@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from .errors import OnnxqError
-from .recipe import ALGORITHMS, QuantRecipe
+from .recipe import ALGORITHMS, PRESETS, QuantRecipe, build_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ONNX post-training weight quantization.")
 console = Console(stderr=True)
@@ -46,6 +46,11 @@ def export(
     print(export_onnx(model, with_past=with_past))
 
 
+_D = QuantRecipe()
+ADV = "Advanced (research options; presets and recipe files set them too)"
+_NOT_RECIPE = {"model", "output", "preset", "recipe", "calib", "ep", "eval", "report"}
+
+
 @app.command()
 @_guarded
 def quantize(
@@ -55,95 +60,99 @@ def quantize(
                                 "(from an HF folder or registry name: the genai builder's graph with fused attention and "
                                 "KV cache, LM head and embedding quantized too); a path ending in .onnx: one graph in the "
                                 "form of the input (any .onnx, encoders, other architectures; no KV cache)"),
-    algo: str = typer.Option("turboboa", help=f"solver (default turboboa: most accurate; gptq is faster): {', '.join(ALGORITHMS)}"),
-    bits: int = typer.Option(4, help="2, 3, 4 or 8"),
+    preset: Optional[str] = typer.Option(None, help=f"named recipe: {', '.join(PRESETS)} (onnxq/recipe.py); options "
+                                         "given on the command line override it"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="recipe file (JSON or YAML mapping of QuantRecipe "
+                                          "fields), applied over --preset and under command-line options"),
+    algo: str = typer.Option(_D.algo, help=f"solver (default turboboa: most accurate; gptq is faster): {', '.join(ALGORITHMS)}"),
+    bits: int = typer.Option(_D.bits, help="2, 3, 4 or 8"),
     group: Optional[int] = typer.Option(None, help="group size (power of two >= 16) or -1 for per-channel (default: "
                                         "64 for a folder, 128 for a .onnx file)"),
-    sym: bool = typer.Option(False, "--sym/--asym", help="symmetric or asymmetric (zero points) grid"),
-    float_zero: bool = typer.Option(False, "--float-zero/--int-zero", help="asymmetric MatMulNBits with float zero "
-                                    "points: each group's grid spans its exact [min, max] (2-4 bits; +32 bits per "
-                                    "group instead of +bits)"),
-    v_int_zero: bool = typer.Option(False, help="with --float-zero: attention value projections keep integer zero "
-                                    "points (measured better on SmolLM2 with the default calibration)"),
-    format: str = typer.Option("nbits", help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
-    grid: Optional[str] = typer.Option(None, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
-    calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt"),
-    calib_windows: int = typer.Option(16, help="number of calibration windows (x seq-len tokens)"),
-    special_tokens: bool = typer.Option(True, "--special-tokens/--no-special-tokens", help="start each calibration "
-                                        "and --eval window with the prefix (e.g. BOS) the tokenizer adds for normal use"),
-    calib_seq_len: int = typer.Option(512, help="tokens per calibration window"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
-    refine_scales: bool = typer.Option(False, help="two-stage group-scale optimisation (gso stage 2)"),
-    refine_codes: int = typer.Option(0, help="sweeps of coordinate descent on the integer codes after the solve "
-                                     "(grids fixed; each sweep never raises the layer objective)"),
-    block_tune: int = typer.Option(0, help="epochs of Adam on each block's group scales (and float zero points), codes "
-                                   "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
-    block_tune_alpha: float = typer.Option(0.5, help="weight of the float model's block output (float inputs) in the "
-                                         "--block-tune target; the rest is the float block on the quantized inputs"),
-    v_row_factor: bool = typer.Option(False, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
-                                      "W_O,hᵀW_O,h) instead of treating them as independent"),
-    up_row_factor: bool = typer.Option(False, help="turboboa: couple each gated MLP's up_proj rows through the down "
-                                       "projection, row Hessian (J Jᵀ) ⊙ E[a aᵀ] (a = act(gate), J = product to output)"),
-    true_sequential: bool = typer.Option(False, help="re-capture each layer group's inputs after the block's earlier "
-                                         "layers are quantized (more calibration passes)"),
-    bias_correction: bool = typer.Option(False, help="solve on centred activation statistics and add the output bias "
-                                         "that removes each layer's mean error (an Add after the quantized MatMul)"),
-    rotate: bool = typer.Option(False, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
-                                "each head's values, and online each MLP down projection's input, before quantizing: same float "
-                                "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; for generation quantize the with-past export "
-                                "itself, as float weights change too)"),
-    damp: float = typer.Option(0.01, help="Hessian damping, fraction of mean diagonal"),
+    calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt, or "
+                              "self (data-free: windows sampled from the float model itself with ONNX Runtime, seeded "
+                              "by --seed; the text is written to <report>.calib.txt, else beside the output)"),
     exclude: Optional[list[str]] = typer.Option(None, help="regex of layers (node name or role) left in float "
                                                 "(default: lm_head for a .onnx file, none for a folder)"),
-    head_bits: int = typer.Option(8, help="folder output: bits of the LM head (GPTQ on its calibrated inputs) and of "
-                                  "the tied embedding sharing its data"),
-    head_group: int = typer.Option(64, help="folder output: group size of the LM head / embedding"),
-    accuracy_level: Optional[int] = typer.Option(None, help="MatMulNBits accuracy_level: 0 exact, 4 = int8 activations "
-                                                 "(faster on CPU; default 4 for a folder, 0 for a .onnx file)"),
-    device: str = typer.Option("cpu", help="torch device for solvers: cpu or cuda"),
-    ep: str = typer.Option("cpu", help="ORT execution provider for calibration"),
-    seed: int = typer.Option(0, help="seed for calibration window sampling"),
     target: Optional[str] = typer.Option(
         None, help="execution provider the output must run on (cpu, cuda, web, webgpu, openvino, dml, qnn, webnn, "
         "tensorrt): format, group and accuracy_level default to what it runs; combinations it cannot run are refused"),
     eval: bool = typer.Option(False, "--eval", help="evaluate float vs quantized afterwards and print the table"),
     report: Optional[Path] = typer.Option(None, help="write the report as <report>.json and <report>.md"),
+    sym: bool = typer.Option(_D.sym, "--sym/--asym", rich_help_panel=ADV, help="symmetric or asymmetric (zero points) grid"),
+    float_zero: bool = typer.Option(_D.float_zero, "--float-zero/--int-zero", rich_help_panel=ADV,
+                                    help="asymmetric MatMulNBits with float zero points: each group's grid spans its "
+                                    "exact [min, max] (2-4 bits; +32 bits per group instead of +bits)"),
+    v_int_zero: bool = typer.Option(_D.v_int_zero, rich_help_panel=ADV, help="with --float-zero: attention value "
+                                    "projections keep integer zero points (measured better on SmolLM2 with the default calibration)"),
+    format: str = typer.Option(_D.format, rich_help_panel=ADV, help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
+    grid: Optional[str] = typer.Option(None, rich_help_panel=ADV, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
+    calib_windows: int = typer.Option(_D.calib_windows, rich_help_panel=ADV, help="number of calibration windows (x seq-len tokens)"),
+    calib_seq_len: int = typer.Option(_D.calib_seq_len, rich_help_panel=ADV, help="tokens per calibration window"),
+    special_tokens: bool = typer.Option(_D.special_tokens, "--special-tokens/--no-special-tokens", rich_help_panel=ADV,
+                                        help="start each calibration and --eval window with the prefix (e.g. BOS) the "
+                                        "tokenizer adds for normal use"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", rich_help_panel=ADV, help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
+    refine_scales: bool = typer.Option(_D.refine_scales, rich_help_panel=ADV, help="two-stage group-scale optimisation (gso stage 2)"),
+    refine_codes: int = typer.Option(_D.refine_codes, rich_help_panel=ADV, help="sweeps of coordinate descent on the integer codes after the solve "
+                                     "(grids fixed; each sweep never raises the layer objective)"),
+    block_tune: int = typer.Option(_D.block_tune, rich_help_panel=ADV, help="epochs of Adam on each block's group scales (and float zero points), codes "
+                                   "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
+    block_tune_alpha: float = typer.Option(_D.block_tune_alpha, rich_help_panel=ADV, help="weight of the float model's block output (float inputs) in the "
+                                         "--block-tune target; the rest is the float block on the quantized inputs"),
+    v_row_factor: bool = typer.Option(_D.v_row_factor, rich_help_panel=ADV, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
+                                      "W_O,hᵀW_O,h) instead of treating them as independent"),
+    up_row_factor: bool = typer.Option(_D.up_row_factor, rich_help_panel=ADV, help="turboboa: couple each gated MLP's up_proj rows through the down "
+                                       "projection, row Hessian (J Jᵀ) ⊙ E[a aᵀ] (a = act(gate), J = product to output)"),
+    true_sequential: bool = typer.Option(_D.true_sequential, rich_help_panel=ADV, help="re-capture each layer group's inputs after the block's earlier "
+                                         "layers are quantized (more calibration passes)"),
+    bias_correction: bool = typer.Option(_D.bias_correction, rich_help_panel=ADV, help="solve on centred activation statistics and add the output bias "
+                                         "that removes each layer's mean error"),
+    rotate: bool = typer.Option(_D.rotate, rich_help_panel=ADV, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
+                                "each head's values, and online each MLP down projection's input, before quantizing: same float "
+                                "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; .onnx output only)"),
+    damp: float = typer.Option(_D.damp, rich_help_panel=ADV, help="Hessian damping, fraction of mean diagonal"),
+    head_bits: int = typer.Option(_D.head_bits, rich_help_panel=ADV, help="folder output: bits of the LM head (GPTQ on its calibrated inputs) and of "
+                                  "the tied embedding sharing its data"),
+    head_group: int = typer.Option(_D.head_group, rich_help_panel=ADV, help="folder output: group size of the LM head / embedding"),
+    accuracy_level: Optional[int] = typer.Option(None, rich_help_panel=ADV, help="MatMulNBits accuracy_level: 0 exact, 4 = int8 activations "
+                                                 "(faster on CPU; default 4 for a folder, 0 for a .onnx file)"),
+    device: str = typer.Option(_D.device, rich_help_panel=ADV, help="torch device for solvers: cpu or cuda"),
+    ep: str = typer.Option("cpu", rich_help_panel=ADV, help="ORT execution provider for calibration"),
+    seed: int = typer.Option(_D.seed, rich_help_panel=ADV, help="seed for calibration window sampling"),
 ) -> None:
-    """Quantize the linear layers of a model and write MatMulNBits or QDQ."""
+    """Quantize the linear layers of a model and write a generation-ready folder, MatMulNBits or QDQ."""
+    from .io import check_output_path
     from .pipeline import quantize as run_quantize
+    from .selfcalib import calib_text_path, save_text
     from .report import check_report_path
+    from .targets import advise, support
 
     if report:
         check_report_path(report)  # before the run, not after it
-
-    if target:  # options left at their defaults take the target's choice (onnxq/targets.py)
-        from .targets import advise, choose, support
-
-        default = lambda name: getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT"  # noqa: E731
-        chosen_format, chosen_level = choose(target, bits)
-        format = chosen_format if default("format") else format
-        accuracy_level = chosen_level if default("accuracy_level") else accuracy_level
-        group = support(target).block_size if default("group") else group
-    recipe = QuantRecipe(
-        algo=algo, bits=bits, group_size=group, sym=sym, float_zero=float_zero, v_int_zero=v_int_zero, format=format, grid=grid, damp=damp, act_order=act_order,
-        refine_scales=refine_scales, refine_codes=refine_codes, block_tune=block_tune, block_tune_alpha=block_tune_alpha, true_sequential=true_sequential, v_row_factor=v_row_factor,
-        up_row_factor=up_row_factor,
-        bias_correction=bias_correction, rotate=rotate, calib_windows=calib_windows, calib_seq_len=calib_seq_len,
-        special_tokens=special_tokens,
-        accuracy_level=accuracy_level, exclude=None if exclude is None else list(exclude), head_bits=head_bits,
-        head_group=head_group, seed=seed, device=device, target=target,
-    ).for_output(output.suffix != ".onnx").validate()
-    if target:
-        console.print(f"target {support(target).name}: {format}, {bits}-bit, group {group}, "
-                      f"accuracy_level {accuracy_level}")
-        for warning in advise(target, bits, format, group, accuracy_level=accuracy_level):
+    calib_file = calib_text_path(report, output) if calib == "self" else None
+    if calib_file:
+        check_output_path(calib_file)
+    given = lambda name: getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"  # noqa: E731
+    explicit = {("group_size" if k == "group" else k): v for k, v in ctx.params.items()
+                if k not in _NOT_RECIPE and given(k)}
+    if "exclude" in explicit:
+        explicit["exclude"] = list(explicit["exclude"])
+    quant = build_recipe(preset, recipe, **explicit).for_output(output.suffix != ".onnx").validate()
+    if quant.target:
+        console.print(f"target {support(quant.target).name}: {quant.format}, {quant.bits}-bit, group {quant.group_size}, "
+                      f"accuracy_level {quant.accuracy_level}")
+        for warning in advise(quant.target, quant.bits, quant.format, quant.group_size, accuracy_level=quant.accuracy_level):
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
-    qrep = run_quantize(model, recipe, output, calib=calib, ep=ep)
+    qrep = run_quantize(model, quant, output, calib=calib, ep=ep)
     console.print(
         f"wrote {qrep.output}: {qrep.layers} layers, {qrep.calib_tokens} calibration tokens, "
         f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
         f"peak RSS {qrep.peak_rss_mb:.0f} MiB"
     )
+    if calib_file and qrep.calib_text:
+        save_text(calib_file, qrep.calib_text)
+        console.print(f"calibration text sampled from the float model in {qrep.calib_generation_seconds} s "
+                      f"(included above): {calib_file}", highlight=False, soft_wrap=True)
     for note in qrep.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False, soft_wrap=True)
     if qrep.deploy:
@@ -158,8 +167,8 @@ def quantize(
     if eval or report:
         from .report import evaluate
 
-        erep = evaluate(qrep.model, qrep.output, ep=ep, special_tokens=special_tokens)
-        erep.quantize = {k: v for k, v in qrep.to_dict().items() if k != "layer_losses"}
+        erep = evaluate(qrep.model, qrep.output, ep=ep, special_tokens=quant.special_tokens)
+        erep.quantize = {k: v for k, v in qrep.to_dict().items() if k not in ("layer_losses", "calib_text")}
         print(erep.markdown())
         if report:
             erep.save(report)

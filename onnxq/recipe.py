@@ -116,7 +116,8 @@ class QuantRecipe:
         if self.target is not None:
             from .targets import check, support
 
-            problems = check(self.target, self.bits, self.format, self.group_size, accuracy_level=self.accuracy_level)
+            group = 128 if self.group_size is None else self.group_size  # a .onnx file's default, until for_output
+            problems = check(self.target, self.bits, self.format, group, accuracy_level=self.accuracy_level)
             if problems:
                 raise OnnxqError(f"target {problems[0]}")
             if self.float_zero and (4 if self.bits == 3 else self.bits) not in support(self.target).float_zero:
@@ -127,3 +128,79 @@ class QuantRecipe:
     def to_dict(self) -> dict:
         """Plain dict for metadata and reports."""
         return asdict(self)
+
+
+# Named recipes. fast/balanced/best trade time for accuracy at the default format; the wN-best ones are the README's
+# most accurate measured recipe per bit width on the default model (.onnx output: --rotate is not carried into a
+# generation-ready folder), flag for flag.
+PRESETS: dict[str, dict] = {
+    "fast": {"algo": "rtn"},  # data-free, seconds
+    "balanced": {"algo": "gptq"},  # about half of TurboBoA's time, +2 PPL at W4 on SmolLM2
+    "best": {"algo": "turboboa"},  # the default
+    "w4-best": {"algo": "turboboa", "bits": 4, "group_size": 128, "rotate": True, "bias_correction": True,
+                "calib_windows": 128},  # 23.78
+    "w3-best": {"algo": "turboboa", "bits": 3, "group_size": 128, "rotate": True, "float_zero": True,
+                "bias_correction": True, "up_row_factor": True, "calib_windows": 128, "refine_codes": 2,
+                "true_sequential": True},  # 27.14
+    "w2-best": {"algo": "turboboa", "bits": 2, "group_size": 64, "rotate": True, "float_zero": True,
+                "bias_correction": True, "up_row_factor": True, "calib_windows": 128, "refine_codes": 2,
+                "block_tune": 3},  # 41.14
+}
+
+
+def recipe_fields(values: dict, where: str) -> dict:
+    """`values` checked against QuantRecipe's fields (one line naming an unknown key and the known ones)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(QuantRecipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise OnnxqError(f"{where}: unknown recipe field {unknown[0]!r}: use any of {', '.join(sorted(known))}")
+    return dict(values)
+
+
+def load_recipe_file(path) -> dict:
+    """Recipe fields from a JSON or YAML file (a mapping of QuantRecipe field names to values)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise OnnxqError(f"cannot read recipe file {path} ({type(err).__name__}): give a readable JSON or YAML file") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            import json
+
+            data = json.loads(text)
+    except Exception as err:  # json and yaml raise their own error types
+        raise OnnxqError(f"recipe file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                         f"({' '.join(str(err).split())[:120]}): fix the file") from None
+    if not isinstance(data, dict):
+        raise OnnxqError(f"recipe file {path} must hold a mapping of recipe fields (e.g. {{\"algo\": \"gptq\"}})")
+    return recipe_fields(data, f"recipe file {path}")
+
+
+def build_recipe(preset: str | None = None, file=None, **explicit) -> QuantRecipe:
+    """Defaults < `preset` < recipe `file` < `explicit` fields, as one QuantRecipe (not yet validated); with a target,
+    the format, accuracy_level and group size none of them set are the target's."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise OnnxqError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if file is not None:
+        values.update(load_recipe_file(file))
+    values.update(recipe_fields(explicit, "options"))
+    if values.get("target"):  # what the recipe leaves open takes the target's choice (onnxq/targets.py)
+        from .targets import choose, support
+
+        fmt, level = choose(values["target"], values.get("bits", 4))
+        values.setdefault("format", fmt)
+        values.setdefault("accuracy_level", level)
+        values.setdefault("group_size", support(values["target"]).block_size)
+    return QuantRecipe(**values)
