@@ -192,6 +192,16 @@ def _vocab_size(model_path: Path) -> int | None:
     return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
 
 
+def _knowing_vocab(tokenizer, model_path: Path):
+    """`tokenizer` told the model's vocabulary size, so special tokens a tokenizer class invents beyond it (a Llama
+    class guessed from config.json adds "<s>" to a byte vocabulary) are not taken as the model's BOS."""
+    try:
+        tokenizer.onnxq_model_vocab = _vocab_size(model_path) if model_path.is_file() else None
+    except Exception:  # an unreadable model is reported by whoever loads it; here it only means no limit
+        tokenizer.onnxq_model_vocab = None
+    return tokenizer
+
+
 def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
     """Tokenizer saved beside the .onnx file, else that of the registry model with the same vocabulary size."""
     path = Path(model_path)
@@ -205,7 +215,7 @@ def load_tokenizer(model_path: str | Path) -> PreTrainedTokenizerFast:
         fix_registry_tokenizer(folder)  # caches written before the fix
     if (folder / "tokenizer.json").is_file():
         if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            return _knowing_vocab(AutoTokenizer.from_pretrained(folder, local_files_only=True), path)
         # tokenizer.json alone: AutoTokenizer would guess the class from the folder's name
         from transformers import PreTrainedTokenizerFast
 

@@ -44,6 +44,8 @@ class QuantReport:
     layer_losses: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
+    calib_generation_seconds: float = 0.0  # --calib self: sampling the windows from the float model (in total_seconds)
+    calib_text: str = ""  # --calib self: the sampled windows decoded, for reading (onnxq.selfcalib.windows_text)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -116,8 +118,13 @@ def quantize(
         proto, rotation = _rotate(proto, folder, recipe.seed)
     layers = select_layers(proto, recipe)
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
+    gen_s, calib_text = 0.0, ""
     if data_free:
         windows = np.zeros((0, 0), np.int64)
+    elif windows is None and calib == "self":  # data-free: windows sampled from the float model itself
+        from .selfcalib import self_calibration
+
+        windows, gen_s, calib_text = self_calibration(model, recipe, ep=ep)
     elif windows is None:
         text = load_text(calib)
         windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed,
@@ -170,6 +177,8 @@ def quantize(
         layer_losses=losses,
         notes=solved.notes,
         deploy=written,
+        calib_generation_seconds=round(gen_s, 2),
+        calib_text=calib_text,
     )
 
 
@@ -179,6 +188,10 @@ def _provenance(recipe: QuantRecipe, rotation: str | None, calib, windows: np.nd
     info.update(rotation=rotation, source=Path(path).name,
                 calibration={"text": str(calib), "windows": int(len(windows)),
                              "seq_len": int(windows.shape[1]) if windows.ndim == 2 else 0, "seed": recipe.seed})
+    if str(calib) == "self":  # data-free: the sampler's settings
+        from .selfcalib import TEMPERATURE, TOP_K
+
+        info["calibration"] |= {"temperature": TEMPERATURE, "top_k": TOP_K}
     info["algorithm"] = info.pop("algo")
     return info
 

@@ -63,6 +63,9 @@ def special_prefix(tokenizer: Any) -> list[int]:
     if at is None:
         raise OnnxqError("the tokenizer encodes a text differently with and without its special tokens: "
                          "pass special_tokens=False (--no-special-tokens)")
+    limit = getattr(tokenizer, "onnxq_model_vocab", None)
+    if limit and any(i >= limit for i in full[:at]):  # not a token of the model: the tokenizer class invented it
+        return []
     return list(full[:at])
 
 
