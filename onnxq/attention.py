@@ -4,8 +4,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .analysis import LinearLayer, block_index, linear_layers
 
@@ -49,7 +50,8 @@ class GraphIndex:
 
     def __init__(self, model: onnx.ModelProto):
         self.nodes = [n for n in model.graph.node if n.output]  # a node without outputs computes nothing
-        self.inits = {t.name for t in model.graph.initializer}
+        self.tensors = {t.name: t for t in model.graph.initializer}
+        self.inits = set(self.tensors)
         self.producer = {o: n for n in self.nodes for o in n.output if o}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in self.nodes:
@@ -64,6 +66,15 @@ class GraphIndex:
     def is_const(self, t: str) -> bool:
         p = self.producer.get(t)
         return t in self.inits or (p is not None and p.op_type == "Constant")
+
+    def value(self, t: str) -> np.ndarray | None:
+        """The value of a small constant (an initializer held inline or a Constant node's), else None."""
+        p = self.producer.get(t)
+        tensor = self.tensors.get(t) or (p.attribute[0].t if p is not None and p.op_type == "Constant"
+                                          and p.attribute and p.attribute[0].name == "value" else None)
+        if tensor is None or np.prod(tensor.dims) > 64 or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(tensor)
 
     def upstream(self, tensor: str, stop, limit: int = 60) -> list[onnx.NodeProto]:
         """Nearest nodes above `tensor` for which `stop(node)` holds (breadth-first, through non-constant inputs)."""
@@ -176,17 +187,19 @@ def _unfused(g: GraphIndex, softmax: onnx.NodeProto, by_output, is_linear, head_
     causal = bool(mask_ops & _CAUSAL_HINTS)
     q_tensor = _strip_scale(g, qk.input[0])  # post-RoPE query, before the 1/sqrt(d) scaling
     rope, cos, sin = _rope(g, q_tensor)
-    d = head_dims.get(qk.input[0])
-    n_heads = n_kv = None
+    d = head_dims.get(qk.input[0]) or (head_dims.get(v_side) if fused else None)  # partial RoPE hides q's
+    n_heads = n_kv = rows = None
     if d and not fused:
         n_heads, n_kv = q.n // d, k.n // d
     elif d and fused:
-        n_heads = n_kv = q.n // (3 * d)
+        rows = _packed_rows(g, (qk.input[0], qk.input[1], v_side), q)
+        widths = [end - start for start, end in rows] if rows else [q.n // 3] * 3  # else MHA split in thirds
+        n_heads, n_kv = widths[0] // d, widths[1] // d
     return AttentionBlock(
         block_index(softmax.name) if softmax.name else q.block, "unfused",
         None if fused else q.node, None if fused else k.node, None if fused else v.node,
         o_lin[0].node if len(o_lin) == 1 else None, fused, n_heads, n_kv, d, causal, rope,
-        qk.input[0], qk.input[1], _probs_tensor(g, softmax, pv, probs_in), v.input, cos, sin,
+        qk.input[0], qk.input[1], _probs_tensor(g, softmax, pv, probs_in), v.input, cos, sin, rows,
     )
 
 
@@ -196,6 +209,60 @@ def _strip_scale(g: GraphIndex, tensor: str) -> str:
     if p is not None and p.op_type in ("Mul", "Div") and any(g.is_const(i) for i in p.input):
         return next(i for i in p.input if not g.is_const(i))
     return tensor
+
+
+def _packed_rows(g: GraphIndex, tensors, layer: LinearLayer) -> tuple[tuple[int, int], ...] | None:
+    """Rows [start, end) of the packed projection `layer` that each of `tensors` (query, key, value) is cut from: the
+    constant Slice or Split on its output's last axis above each; None unless all three are found."""
+    source = next(n.output[0] for n in g.nodes if (n.name or n.output[0]) == layer.node)
+    rows = tuple(_cut_rows(g, t, source, layer.n) for t in tensors)
+    return rows if all(rows) else None
+
+
+def _cut_rows(g: GraphIndex, tensor: str, source: str, width: int) -> tuple[int, int] | None:
+    """Rows of `source` (last dim `width`) that `tensor` is computed from, found breadth-first above it."""
+    seen, queue = set(), deque([tensor])
+    while queue and len(seen) < 400:
+        t = queue.popleft()
+        n = g.producer.get(t)
+        if n is None or t in seen or n.op_type == "Shape":
+            continue
+        seen.add(t)
+        if n.op_type in ("Slice", "Split") and _reads(g, n.input[0], source):
+            return _slice_rows(g, n, t, width)
+        queue.extend(i for i in (n.input[:1] if n.op_type in _DATA_ONLY else n.input) if i and not g.is_const(i))
+    return None
+
+
+def _reads(g: GraphIndex, tensor: str, source: str) -> bool:
+    """Whether `tensor` is `source`, or it through a bias Add, Reshape, Cast or Identity."""
+    for _ in range(4):
+        if tensor == source:
+            return True
+        n = g.producer.get(tensor)
+        if n is None or n.op_type not in ("Add", "Reshape", "Cast", "Identity"):
+            return False
+        tensor = next((i for i in n.input if i and not g.is_const(i)), "")
+    return tensor == source
+
+
+def _slice_rows(g: GraphIndex, node: onnx.NodeProto, output: str, width: int) -> tuple[int, int] | None:
+    """[start, end) of the last axis (of a [batch, seq, N] tensor) that Slice or Split `node` gives as `output`."""
+    if node.op_type == "Slice":
+        starts, ends, axes, steps = (g.value(i) if i else None for i in [*node.input[1:5], "", "", ""][:4])
+        if starts is None or ends is None or starts.size != 1:
+            return None
+        if (axes is not None and int(axes[0]) not in (-1, 2)) or (steps is not None and int(steps[0]) != 1):
+            return None
+        start, end = (int(np.clip(v + width if v < 0 else v, 0, width)) for v in (int(starts[0]), int(ends[0])))
+        return (start, end) if end > start else None
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    sizes = g.value(node.input[1]) if len(node.input) > 1 and node.input[1] else _attr(node, "split")
+    sizes = [width // len(node.output)] * len(node.output) if sizes is None else [int(x) for x in sizes]
+    if axis not in (-1, 2) or sum(sizes) != width:
+        return None
+    i = list(node.output).index(output)
+    return sum(sizes[:i]), sum(sizes[:i + 1])
 
 
 def _probs_tensor(g: GraphIndex, softmax, pv, probs_in: int) -> str:
@@ -258,7 +325,9 @@ def _fused(g: GraphIndex, node: onnx.NodeProto, by_output, is_linear) -> Attenti
             d = ql[0].n // (n_heads + 2 * n_kv)
             rows = ((0, n_heads * d), (n_heads * d, (n_heads + n_kv) * d), ((n_heads + n_kv) * d, ql[0].n))
             fused, q = q, None
-        elif q and q == k == v:
+        elif q and q == k == v:  # one packed projection cut into separate inputs (the builder's QK-norm form)
+            rows = _packed_rows(g, node.input[:3], ql[0])
+            d = (rows[1][1] - rows[1][0]) // n_kv if rows and n_kv else None
             fused, q, k, v = q, None, None, None
         elif ql and n_heads:
             d = ql[0].n // n_heads
@@ -285,13 +354,20 @@ def _attr(node: onnx.NodeProto, name: str):
 def cache_head_dims(model: onnx.ModelProto) -> dict[str, int]:
     """Past key/value graph input -> head dimension, for the caches GroupQueryAttention ops read (onnxruntime-genai's
     builder leaves that dimension symbolic; an empty cache must still have it). The packed QKV width comes from the
-    projection feeding the op: a float MatMul's weight or a MatMulNBits' N, through an optional bias Add."""
+    projection feeding the op: a float MatMul's weight or a MatMulNBits' N, through an optional bias Add; a separate
+    key's from the Split that cuts it from such a projection or the Reshape after its QK-norm."""
     g = GraphIndex(model)
     dims_of = {t.name: list(t.dims) for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
 
     def width(tensor: str) -> int | None:
         node = g.producer.get(tensor)
+        if node is not None and node.op_type == "Reshape":  # back to [batch, seq, heads * d] after the QK-norm
+            shape = g.value(node.input[1])
+            return int(shape[-1]) if shape is not None and shape.size and shape[-1] > 0 else None
+        if node is not None and node.op_type == "Split":  # one of Q, K, V cut from a packed projection
+            rows = _slice_rows(g, node, tensor, width(node.input[0]) or 0)
+            return rows[1] - rows[0] if rows else None
         if node is not None and node.op_type == "Add":
             node = next((g.producer[t] for t in node.input if t in g.producer), None)
         if node is None:

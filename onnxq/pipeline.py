@@ -464,13 +464,13 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
     """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
     `folder`'s memory. Returns the rotated proto and what was rotated, in words."""
     from .io import detach_weights, load_tensor_data
-    from .passes.rotate import is_hadamard_order, residual_plan, rotate_residual
+    from .passes.rotate import head_tensors, is_hadamard_order, residual_plan, rotate_residual
 
     plan = residual_plan(proto)
     weight = {l.node: l.weight for l in linear_layers(proto)}
     heads = [(weight[b.v], weight[b.o], b.head_dim) for b in attention_blocks(proto)
              if b.kind == "unfused" and b.v in weight and b.o in weight and b.head_dim]
-    names = set(plan.tensors()) | {w for v, o, _ in heads for w in (v, o)}
+    names = set(plan.tensors()) | set(head_tensors(proto, heads))
     o_proj = {o for _, o, _ in heads}  # R2 already rotates their inputs; the other writers (MLP down) get R4
     online = [w for w, _ in plan.writers if w not in o_proj]
     rows = {t.name: t.dims[0] for t in proto.graph.initializer if t.name in online}

@@ -109,17 +109,21 @@ def residual_plan(model: onnx.ModelProto) -> ResidualPlan:
     plan = ResidualPlan(hidden=hidden, entry=entry, exit=entry)
     current = entry
     while True:
-        stream = g.transparent(current)  # the stream tensor and its no-op Casts
-        readers = [n for t in stream for n in g.consumers.get(t, []) if n.op_type not in _SHAPE_ONLY | {"Cast"}]
+        stream = g.transparent(current)  # the stream tensor, its no-op Casts and constant scalings
+        readers = [n for t in stream for n in g.consumers.get(t, []) if n.op_type not in _SHAPE_ONLY
+                   and n.output[0] not in stream]
         adds = [n for n in readers if n.op_type == "Add" and not any(g.is_const(i) for i in n.input)
                 and any(i in stream for i in n.input)]
         norm_nodes, scale, node = _rms_norm(g, stream, hidden)
         out = node.output[0] if node is not None else None
         other = [n for n in readers if n not in adds and n.output[0] not in norm_nodes]
         if scale is None or other or len(adds) > 1:
-            what = other[0].op_type if other else "a reader that is not an RMSNorm"
+            what = other[0].op_type if other else g.reader_past_adds(stream)
             raise OnnxqError(f"--rotate: the residual stream at {current!r} feeds {what}: only pre-RMSNorm decoders "
                              "(Llama, Mistral, Qwen, SmolLM ...) can be rotated; drop --rotate")
+        if not adds and not plan.norms:
+            raise OnnxqError(f"--rotate: the residual stream at {current!r} reaches a norm but no decoder block: "
+                             "only pre-RMSNorm decoders can be rotated; drop --rotate")
         if not adds:  # the final norm: rotated back before it, so the (possibly tied) LM head stays as it is
             plan.exit = current
             return plan
@@ -144,10 +148,11 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
                     heads: Sequence[tuple[str, str, int]] = (), online: Sequence[str] = ()) -> onnx.ModelProto:
     """Rotate `model` in place by a random orthogonal R (hidden×hidden) along `plan`; returns `model`.
 
-    The weights `plan.tensors()` must be loaded. `heads` lists (v weight, o weight, head dim) per attention block for
-    R2: each head's values are rotated by one Hadamard-type matrix and o_proj's rows by its transpose. `online` names
-    loaded weights (the MLP down projections: QuaRot's R4) whose inputs get an online Hadamard transform where their
-    width is 2^a · 12^b (`online_hadamard`); the others stay as they are.
+    The weights `plan.tensors()` and `head_tensors(model, heads)` must be loaded. `heads` lists (v weight, o weight,
+    head dim) per attention block for R2: each head's values (with V's bias) are rotated by one Hadamard-type matrix
+    and o_proj's rows by its transpose. `online` names loaded weights (the MLP down projections: QuaRot's R4) whose
+    inputs get an online Hadamard transform where their width is 2^a · 12^b (`online_hadamard`); the others stay as
+    they are.
     """
     rng = np.random.default_rng(seed)
     r = random_rotation(plan.hidden, rng)
@@ -176,10 +181,13 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
             put(b, get(b) @ r)
     if heads:
         r2 = random_rotation(heads[0][2], rng)
+        biases = value_biases(model, [v for v, _, _ in heads])
         for v, o, d in heads:
             wv, wo = get(v), get(o)
             put(v, (wv.reshape(wv.shape[0], -1, d) @ r2).reshape(wv.shape))
             put(o, (r2.T @ wo.reshape(-1, d, wo.shape[1])).reshape(wo.shape))
+            if v in biases:  # Qwen2's: the values are x W_v + b_v, both rotated
+                put(biases[v], (get(biases[v]).reshape(-1, d) @ r2).reshape(-1))
     for w in online:
         online_hadamard(model, w, rng)
     dtype = dtype_of(plan.writers[0][0]) if plan.writers else np.float32
@@ -189,6 +197,25 @@ def rotate_residual(model: onnx.ModelProto, plan: ResidualPlan, *, seed: int = 0
     for name in {n.scale for n in plan.norms} - used:  # a scale only the folded norms read
         graph.initializer.remove(inits[name])
     return model
+
+
+def head_tensors(model: onnx.ModelProto, heads: Sequence[tuple[str, str, int]]) -> list[str]:
+    """Initializers R2 rewrites for `heads` (v weight, o weight, head dim): both weights and V's output bias."""
+    return [w for v, o, _ in heads for w in (v, o)] + list(value_biases(model, [v for v, _, _ in heads]).values())
+
+
+def value_biases(model: onnx.ModelProto, weights: Sequence[str]) -> dict[str, str]:
+    """V weight -> the constant bias its MatMul's output gets (an Add of an [N] initializer), where there is one."""
+    g = _Lookup(model)
+    out = {}
+    for n in g.nodes:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights:
+            width = [g.dims[n.input[1]][-1]]
+            found = [g.source(i) for c in g.consumers.get(n.output[0], []) if c.op_type == "Add" for i in c.input
+                     if g.dims.get(g.source(i)) == width]
+            if len(found) == 1:
+                out[n.input[1]] = found[0]
+    return out
 
 
 def online_hadamard(model: onnx.ModelProto, weight: str, rng: np.random.Generator) -> bool:
@@ -252,13 +279,31 @@ class _Lookup(GraphIndex):
         return t
 
     def transparent(self, t: str) -> list[str]:
-        """`t` and the outputs of the (no-op) Casts that read it, transitively."""
+        """`t` and the outputs of the (no-op) Casts and constant scalar Muls (Gemma's embedding scale) that read it,
+        transitively: a rotation of the stream commutes with both."""
         out, todo = [], [t]
         while todo:
             x = todo.pop()
             out.append(x)
-            todo += [n.output[0] for n in self.consumers.get(x, []) if n.op_type == "Cast"]
+            todo += [n.output[0] for n in self.consumers.get(x, []) if n.op_type == "Cast" or self._scalar_mul(n)]
         return out
+
+    def reader_past_adds(self, stream: list[str]) -> str:
+        """The op type first reached below `stream` through Adds and Casts (what a stream with no RMSNorm feeds, e.g.
+        LayerNormalization after the position embedding is added), else a phrase saying there is none."""
+        todo, seen = list(stream), set(stream)
+        while todo:
+            for n in self.consumers.get(todo.pop(0), []):
+                if n.op_type not in {"Add", "Cast"} | _SHAPE_ONLY:
+                    return n.op_type
+                todo += [o for o in n.output if o not in seen and n.op_type not in _SHAPE_ONLY]
+                seen.update(n.output)
+        return "a reader that is not an RMSNorm"
+
+    def _scalar_mul(self, node: onnx.NodeProto) -> bool:
+        """Whether `node` multiplies by a constant scalar."""
+        consts = [self.value(i) for i in node.input if self.is_const(i)]
+        return node.op_type == "Mul" and len(consts) == 1 and consts[0] is not None and consts[0].size == 1
 
     def weight_of(self, node: onnx.NodeProto, k: int) -> str | None:
         """The constant [k, n] weight of a MatMul node, else None."""
@@ -274,6 +319,11 @@ class _Lookup(GraphIndex):
             rest = [i for i in node.input if i not in consts]
             if len(consts) == 1 and len(rest) == 1:
                 bias, node = consts[0], self.producer.get(rest[0])
+        if node is not None and (node.op_type == "SimplifiedLayerNormalization" or node.op_type == "Mul" and any(
+                self.dims.get(self.source(i)) == [hidden] for i in node.input)
+                and "ReduceMean" in self.ancestors_ops(node.output[0], limit=16)):
+            raise OnnxqError(f"--rotate: the residual branch {tensor!r} is normalized after its linear layer (a "
+                             "post-norm, as in Gemma-2/3): only pre-RMSNorm decoders can be rotated; drop --rotate")
         if node is None or node.op_type != "MatMul" or len(self.dims.get(node.input[1], [])) != 2 \
                 or self.dims[node.input[1]][1] != hidden:
             raise OnnxqError(f"--rotate: the residual branch {tensor!r} is not the output of a linear layer with a "
@@ -300,7 +350,8 @@ def _rms_norm(g: _Lookup, stream: list[str], hidden: int) -> tuple[set[str], str
                 return {n.output[0]}, g.source(n.input[1]), n
     seen: dict[str, onnx.NodeProto] = {}
     scales: list[onnx.NodeProto] = []
-    todo = [n for t in stream for n in g.consumers.get(t, []) if n.op_type in ("Pow", "Mul")]
+    todo = [n for t in stream for n in g.consumers.get(t, [])
+            if n.op_type in ("Pow", "Mul") and n.output[0] not in stream]
     while todo and len(seen) < 16:
         n = todo.pop()
         if n.output[0] in seen or n.op_type not in _NORM_OPS:

@@ -104,7 +104,7 @@ def _with_cache_dims(session: ort.InferenceSession, model: onnx.ModelProto | str
 
 def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray,
                 head_dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Feeds for a fresh decoder run: input_ids, all-ones attention_mask, arange position_ids, empty past.
+    """Feeds for a fresh run: input_ids, all-ones attention_mask, arange position_ids, zero token_type_ids, empty past.
     `head_dims` gives past inputs' last dimension where the graph leaves it symbolic (default: what `make_session`
     found in the session's own graph; a piece without the attention ops needs the whole model's)."""
     batch, seq = input_ids.shape
@@ -117,6 +117,8 @@ def model_feeds(session: ort.InferenceSession, input_ids: np.ndarray,
             feeds[arg.name] = input_ids.astype(dtype)
         elif arg.name == "attention_mask":
             feeds[arg.name] = np.ones((batch, seq), dtype=dtype)
+        elif arg.name == "token_type_ids":  # an encoder's (BERT's) segment ids: one segment
+            feeds[arg.name] = np.zeros((batch, seq), dtype=dtype)
         elif arg.name == "position_ids":
             feeds[arg.name] = np.broadcast_to(np.arange(seq, dtype=dtype), (batch, seq)).copy()
         elif arg.name.startswith("past_key_values"):

@@ -13,11 +13,11 @@ from onnxq.analysis import linear_layers, partition
 from onnxq.attention import attention_blocks, cache_head_dims
 from onnxq.deploy.builder import float_build
 from onnxq.errors import OnnxqError
-from onnxq.io import check_graph, load_model, read_array
-from onnxq.packing import unpack_nbits
+from onnxq.io import check_graph, load_model
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.session import make_session, model_feeds
+from tests.helpers import fake_quant_reference
 from tests.tiny import tiny_llama_hf
 
 WINDOWS = np.random.default_rng(0).integers(2, 258, (4, 32))
@@ -69,19 +69,6 @@ def test_analysis_maps_every_block(built):
     assert cache_head_dims(model) == {f"past_key_values.{b}.{t}": d for b in range(layers) for t in ("key", "value")}
 
 
-def _dequantized(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.ndarray:
-    """W [K, N] of a MatMulNBits node from its stored codes, scales and zero points."""
-    attrs = {a.name: a.i for a in node.attribute}
-    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    inits = {t.name: t for t in model.graph.initializer}
-    blob, scales = (read_array(inits[t], folder) for t in node.input[1:3])
-    zp = read_array(inits[node.input[3]], folder).reshape(n, -1) if len(node.input) > 3 else None
-    codes, zeros = unpack_nbits(blob, zp, bits, k)
-    cols = np.arange(k) // block
-    zeros = (1 << (bits - 1)) if zeros is None else zeros[:, cols]
-    return ((codes.astype(np.int32) - zeros) * scales.reshape(n, -1)[:, cols]).T.astype(np.float32)
-
-
 def _logits(model: onnx.ModelProto | str, dims: dict[str, int], ids: np.ndarray) -> np.ndarray:
     session = make_session(model)
     return session.run(["logits"], model_feeds(session, ids, dims))[0]
@@ -97,14 +84,7 @@ def test_quantized_file_computes_its_fake_quant_reference(built, tmp_path, algo)
     rep = quantize(path, recipe, out, windows=WINDOWS, progress=False)
     assert rep.layers == 10 and all(np.isfinite(v) for v in rep.layer_losses.values()) == (algo != "rtn")
     assert any("solved as plain layers" in n for n in rep.notes) == (algo == "turboboa")  # said, not silent
-    quant = onnx.load(str(out), load_external_data=False)
-    weights = {n.name: _dequantized(quant, out.parent, n) for n in quant.graph.node if n.op_type == "MatMulNBits"}
-    reference = onnx.load(str(path))
-    inits = {t.name: t for t in reference.graph.initializer}
-    for node in reference.graph.node:
-        if node.name in weights:
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array(weights.pop(node.name), node.input[1]))
-    assert not weights
+    reference = fake_quant_reference(onnx.load(str(path)), out)
     dims, ids = cache_head_dims(reference), WINDOWS[:2, :16]
     ref, got = _logits(reference, dims, ids), _logits(str(out), dims, ids)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4

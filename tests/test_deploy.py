@@ -16,13 +16,13 @@ from onnxq.deploy.generate import generate
 from onnxq.errors import OnnxqError
 from onnxq.io import read_array
 from onnxq.models.export import export_onnx
-from onnxq.packing import unpack_nbits
 from onnxq.passes.metadata import read_provenance
 from onnxq.passes.rewrite import add_output_bias
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.evaluate import file_size
 from onnxq.runtime.session import make_session, model_feeds
+from tests.helpers import dequantized
 from tests.tiny import tiny_llama_hf
 
 WINDOWS = np.random.default_rng(0).integers(2, 258, (8, 48))
@@ -68,20 +68,6 @@ def test_folder_loads_generates_and_is_smaller(hf, tmp_path):
     assert len(gen.tokens) == 6 and all(0 <= t < 258 for t in gen.tokens)
 
 
-def _dequantized(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.ndarray:
-    """W [K, N] of a MatMulNBits node, dequantized from its stored codes, scales and zero points."""
-    attrs = {a.name: a.i for a in node.attribute}
-    inits = {t.name: t for t in model.graph.initializer}
-    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    blob = read_array(inits[node.input[1]], str(folder))
-    scales = read_array(inits[node.input[2]], str(folder)).reshape(n, -1)
-    zp = read_array(inits[node.input[3]], str(folder)).reshape(n, -1) if len(node.input) > 3 else None
-    codes, zeros = unpack_nbits(blob, zp, bits, k)
-    cols = np.arange(k) // block
-    zeros = (1 << (bits - 1)) if zeros is None else zeros[:, cols]
-    return ((codes.astype(np.int64) - zeros) * scales[:, cols]).T.astype(np.float32)
-
-
 def _bias(model: onnx.ModelProto, folder, node: onnx.NodeProto) -> np.ndarray | None:
     """A MatMulNBits node's bias input [N], if it has one."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -99,7 +85,7 @@ def test_folder_matches_the_fake_quant_analysis_export(hf, tmp_path, bias_correc
     recipe = QuantRecipe(algo="gptq", bits=4, group_size=32, accuracy_level=0, bias_correction=bias_correction)
     quantize(str(hf), recipe, out, windows=WINDOWS, progress=False)
     deployed = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    stored = {n.name: (_dequantized(deployed, out, n), _bias(deployed, out, n)) for n in deployed.graph.node
+    stored = {n.name: (dequantized(deployed, out, n), _bias(deployed, out, n)) for n in deployed.graph.node
               if n.op_type == "MatMulNBits"}
     assert all(b is not None for _, b in stored.values()) == bias_correction
     assert "Add" not in {n.op_type for n in deployed.graph.node}

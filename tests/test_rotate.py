@@ -124,6 +124,14 @@ def test_layernorm_models_are_refused_in_one_line(tmp_path, make):
     assert "\n" not in str(err.value)
 
 
+def test_a_model_without_blocks_is_refused_not_left_unrotated(tmp_path):
+    """The embedding straight into the final norm: no block to rotate, said in one line (before, a plan with R and Rᵀ
+    at the same tensor rotated nothing)."""
+    model = normalize(onnx.load(tiny_llama_onnx(tmp_path, layers=0)))
+    with pytest.raises(OnnxqError, match="reaches a norm but no decoder block: .*drop --rotate"):
+        residual_plan(model)
+
+
 @pytest.mark.parametrize("n, inner, nb", [(192, 128, 16), (192, 4, 4), (1536, 128, 128), (256, 128, 128), (12, 128, 1)])
 def test_hadamard_factors_make_a_hadamard_matrix(n, inner, nb):
     a, b = hadamard_factors(n, np.random.default_rng(0), inner=inner)

@@ -1,4 +1,5 @@
-"""Tiny models for tests: random HF Llama / GPT-2 / BERT exported with optimum, and hand-built linear-layer graphs.
+"""Tiny models for tests: random HF Llama / GPT-2 / BERT exported with optimum, one tiny model per family of the
+architecture matrix (`tiny_hf`), and hand-built linear-layer graphs.
 
 Exports are made once per process and argument set (in a temp folder removed at exit) and copied into the caller's
 `tmp_path`, so tests may modify their copy. The `tiny_*` torch builders give the same weights as the exports.
@@ -116,6 +117,64 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     dst = Path(tempfile.mkdtemp(dir=tmp_path, prefix=src.parent.name))
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst / "model.onnx"
+
+
+# ---- the architecture matrix (tests/test_architectures.py) -------------------------------------------------------
+
+_DECODER = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+# family -> (what it brings, transformers config class, its arguments); sliding windows of 16 are shorter than the
+# test windows, so they mask something
+ARCHS = {
+    "llama": ("Llama", "LlamaConfig", _DECODER),
+    "mistral": ("Mistral (sliding window)", "MistralConfig", _DECODER | {"sliding_window": 16}),
+    "qwen2": ("Qwen2 (q/k/v biases)", "Qwen2Config", _DECODER),
+    "qwen3": ("Qwen3 (QK-norm)", "Qwen3Config", _DECODER | {"head_dim": 16}),
+    "phi3": ("Phi-3 (packed qkv and gate_up)", "Phi3Config",
+             _DECODER | {"original_max_position_embeddings": 128}),  # = max: the builder's Phi-3-mini-4k form
+    "gemma2": ("Gemma-2 (pre+post norms, scaled embedding, soft-capping)", "Gemma2Config", _DECODER | _GEMMA),
+    "gemma3_text": ("Gemma-3 (pre+post norms, scaled embedding, QK-norm, local+global layers)", "Gemma3TextConfig",
+                    _DECODER | _GEMMA | {"layer_types": ["sliding_attention", "full_attention"]}),
+    "gpt2": ("GPT-2 (Conv1D, fused QKV, LayerNorm)", "GPT2Config",
+             dict(vocab_size=258, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=1)),
+    "bert": ("BERT (encoder, bidirectional)", "BertConfig",
+             dict(vocab_size=258, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=128, pad_token_id=1)),
+}
+
+
+def tiny_model(arch: str):
+    """A random model of family `arch` (a key of ARCHS; eager attention, eval mode, the same weights every call): a
+    causal LM, or BERT's encoder. Norm scales and biases are random too (not ones and zeros), so folding is tested."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    _, name, args = ARCHS[arch]
+    config = getattr(transformers, name)(**args, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = (AutoModel if arch == "bert" else AutoModelForCausalLM).from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_hf(arch: str, tmp_path: Path) -> Path:
+    """`tiny_model(arch)` saved with `byte_tokenizer()` as a Hugging Face folder in tmp_path."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path, prefix=arch))
+    tiny_model(arch).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def optimum_onnx(hf_folder: Path, out: Path, task: str) -> Path:
+    """`hf_folder` exported by optimum with `task` into `out`: path of model.onnx."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(hf_folder), output=out, task=task, do_validation=False)
+    return Path(out) / "model.onnx"
 
 
 # ---- hand-built graphs -------------------------------------------------------------------------------------------

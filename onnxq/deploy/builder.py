@@ -60,7 +60,7 @@ def run_builder(hf_folder: Path, out: Path, *, precision: str = "fp32", ep: str 
         _remove(cache)
     if done.returncode != 0 or not (out / "model.onnx").is_file():
         _remove(out)
-        lines = [l for l in (done.stderr + done.stdout).strip().splitlines() if l.strip()]
+        lines = [l for l in (done.stdout + done.stderr).strip().splitlines() if l.strip()]  # a traceback's last line
         raise OnnxqError(f"onnxruntime-genai's model builder failed on {hf_folder} ({lines[-1][:200] if lines else 'no output'}): "
                          "check that the model is one it supports, or write a single .onnx file (-o FILE.onnx)")
     return out

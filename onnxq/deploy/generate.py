@@ -2,6 +2,7 @@
 `onnxq generate`."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ def generate(folder: str | Path, prompt: str, *, max_new_tokens: int = 32) -> Ge
     if len(ids) == 0:
         raise OnnxqError("the prompt encodes to no tokens: give a non-empty prompt")
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    window = (json.loads((folder / "genai_config.json").read_text())["model"]["decoder"].get("sliding_window") or {})
+    # a sliding-window attention layer (Gemma-2) needs a KV cache of at least the window: the loop below still stops
+    params.set_search_options(max_length=max(len(ids) + max_new_tokens, window.get("window_size", 0)), do_sample=False)
     generator = og.Generator(model, params)
     t = time.perf_counter()
     generator.append_tokens(ids)
