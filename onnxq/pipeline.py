@@ -277,14 +277,15 @@ def _blockwise(
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
     attn_by_block: dict[int, list] = {}
     if recipe.algo in ("boa", "turboboa"):
-        fused = []
+        plain = []  # fused attention ops, or one packed QKV projection: no per-head Q/K/V layers to solve
         for a in attention_blocks(proto):
             if a.kind == "unfused" and a.n_heads and a.block is not None:
                 attn_by_block.setdefault(a.block, []).append(a)
-            elif a.block is not None:
-                fused.append(a)
-        if fused:
-            solved.notes.append(f"{recipe.algo}: {len(fused)} attention blocks are fused ({fused[0].kind}): their Q/K/V "
+            if a.block is not None and (a.kind != "unfused" or a.fused_qkv):
+                plain.append(a)
+        if plain:
+            how = plain[0].kind if plain[0].kind != "unfused" else "one packed QKV projection"
+            solved.notes.append(f"{recipe.algo}: {len(plain)} attention blocks are fused ({how}): their Q/K/V "
                                 "projections were solved as plain layers, without per-head attention statistics")
     mlp_by_block: dict[int, list[GatedMlp]] = {}
     if recipe.up_row_factor:
