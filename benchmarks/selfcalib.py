@@ -29,10 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.pipeline import quantize
     from onnxq.recipe import QuantRecipe
     from onnxq.report import evaluate
+    from onnxq.selfcalib import TEMPERATURE, TOP_K
 
     result = {"command": "python -m benchmarks.selfcalib " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
-              "versions": versions(), "rows": []}
+              "versions": versions(), "rows": [], "sampler": {"temperature": TEMPERATURE, "top_k": TOP_K}}
     stem = args.out / f"selfcalib-{dt.date.today().isoformat()}"
     for setting in args.settings:
         bits, group = (int(x) for x in setting.split(":"))
@@ -58,7 +59,8 @@ def _write(stem: Path, result: dict) -> None:
     lines = [f"# Data-free calibration ({result['date']})", "", f"`{result['command']}`", "",
              f"Machine: {result['machine']}.", "",
              "TurboBoA, .onnx output (LM head float), 16 × 512 calibration tokens; `self` = windows sampled from the "
-             "float model (seeded, temperature 1, top-k 50; the text is in the .calib.txt files beside this one). "
+             f"float model (seeded, temperature {result['sampler']['temperature']}, top-k {result['sampler']['top_k']} "
+             "(0: the whole distribution); the text is in the .calib.txt files beside this one). "
              "PPL: SOTU 2017-2021, first 4096 tokens, 512-token windows, ORT CPU EP.", "",
              "| setting | calibration | PPL | vs SOTU | quantization (s) | of which generation (s) |",
              "|---|---|---:|---:|---:|---:|"]

@@ -19,11 +19,11 @@ import numpy as np
 
 from .errors import OnnxqError
 
-# The sampler's settings: plain softmax (temperature 1) restricted to the 50 likeliest tokens, the Hugging Face
-# generate() defaults used by Genie-style self-generated calibration data. Not tuned on quantization accuracy here,
-# so not exposed as options.
+# The sampler's settings: plain softmax (temperature 1) over the whole vocabulary (top_k 0), as LLM-QAT's data-free
+# generation samples. Measured on SmolLM2, TurboBoA W4 g128 (benchmarks/results/selfcalib-2026-12-04*.md): top-k 50
+# (Hugging Face generate()'s default) 26.41, the whole distribution 25.41, SOTU text 24.66.
 TEMPERATURE = 1.0
-TOP_K = 50
+TOP_K = 0  # 0: no top-k restriction
 STARTS = ("The", "In", "A", "It", "This", "We", "I", "When", "There", "One")  # openings where the tokenizer adds no BOS
 RECOMPUTE_MAX_LEN = 64  # a graph without KV cache: longer windows cost over 32x a cached run; refused
 
@@ -47,8 +47,8 @@ def generate_windows(model_source: str | Path, n: int, seq_len: int, *, seed: in
     from .runtime.session import make_session
 
     t0 = time.perf_counter()
-    if temperature <= 0 or top_k < 1:
-        raise OnnxqError(f"sampling needs temperature > 0 and top_k >= 1, not {temperature} and {top_k}: fix them")
+    if temperature <= 0 or top_k < 0:
+        raise OnnxqError(f"sampling needs temperature > 0 and top_k >= 0 (0: all), not {temperature} and {top_k}: fix them")
     path = generation_graph(model_source)
     tokenizer = load_tokenizer(path)
     rng = np.random.default_rng(seed)
@@ -99,12 +99,12 @@ def banned_ids(tokenizer) -> list[int]:
 
 def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, top_k: int,
            banned: Sequence[int] = ()) -> np.ndarray:
-    """One id per row of `logits` [b, V]: a draw from softmax(logits / temperature) over the row's top_k ids not
-    `banned`, in float64; one uniform number per row."""
+    """One id per row of `logits` [b, V]: a draw from softmax(logits / temperature) over the row's top_k ids (0: all)
+    not `banned`, in float64; one uniform number per row."""
     z = logits.astype(np.float64) / temperature
     banned = sorted({i for i in banned if i < z.shape[1]})
     z[:, banned] = -np.inf
-    k = min(top_k, z.shape[1] - len(banned))
+    k = z.shape[1] - len(banned) if top_k == 0 else min(top_k, z.shape[1] - len(banned))
     top = np.argpartition(-z, k - 1, axis=1)[:, :k]
     zt = np.take_along_axis(z, top, axis=1)
     cdf = np.cumsum(np.exp(zt - zt.max(axis=1, keepdims=True)), axis=1)

@@ -64,6 +64,14 @@ def test_sampling_keeps_top_k_and_temperature():
     assert (greedy == logits.argmax()).all()
 
 
+def test_top_k_zero_samples_the_whole_distribution():
+    logits = np.linspace(-1.0, 1.0, 8)
+    draws = sample(np.tile(logits, (80_000, 1)), np.random.default_rng(2), temperature=1.0, top_k=0, banned=[7])
+    p = np.exp(logits[:7]) / np.exp(logits[:7]).sum()
+    freq = np.array([(draws == t).mean() for t in range(8)])
+    assert freq[7] == 0 and np.abs(freq[:7] - p).max() < 0.01
+
+
 def test_cached_steps_equal_the_full_forward(hf):
     ids = np.random.default_rng(0).integers(2, 258, (2, 12))
     full = _full_logits(export_onnx(hf), ids)
