@@ -208,6 +208,9 @@ def _float_build(model, recipe: QuantRecipe, output: Path) -> Path:
                          "carry yet: write a .onnx file (-o FILE.onnx) or drop --rotate")
     if recipe.format != "nbits":
         raise OnnxqError("a generation-ready folder holds MatMulNBits: drop --format qdq or write a .onnx file")
+    if recipe.v_int_zero:
+        raise OnnxqError("the genai graph packs Q, K and V into one MatMulNBits, so V cannot keep integer zero points "
+                         "beside float ones: drop --v-int-zero or write a .onnx file")
     spec = Path(str(model))
     check_folder_output(output)
     if spec.is_dir() and (spec / "config.json").is_file():

@@ -118,6 +118,7 @@ def test_folder_matches_the_fake_quant_analysis_export(hf, tmp_path, bias_correc
     (QuantRecipe(algo="rtn", rotate=True), "--rotate"),
     (QuantRecipe(algo="rtn", format="qdq"), "MatMulNBits"),
     (QuantRecipe(algo="rtn", head_bits=3), "LM head"),
+    (QuantRecipe(algo="gptq", float_zero=True, v_int_zero=True), "packs Q, K and V"),
 ])
 def test_folder_refusals(hf, tmp_path, recipe, message):
     with pytest.raises(OnnxqError, match=message):

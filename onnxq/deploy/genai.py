@@ -65,11 +65,10 @@ def _analysis_names(name: str) -> list[str]:
 def packed_weight(parts: list[QuantizedWeight], where: str) -> QuantizedWeight:
     """One QuantizedWeight of several stacked along N (rows); they must share bits, group and zero-point kind."""
     first = parts[0]
-    for p in parts[1:]:
-        if (p.bits, p.group_size, p.zeros is None, None if p.zeros is None else p.zeros.dtype.kind) != \
-           (first.bits, first.group_size, first.zeros is None, None if first.zeros is None else first.zeros.dtype.kind):
-            raise OnnxqError(f"{where} packs layers quantized differently (bits, group or zero points): the genai graph "
-                             "needs one format per packed projection; drop --v-int-zero or write a .onnx file")
+    form = lambda w: (w.bits, w.group_size, None if w.zeros is None else w.zeros.dtype.kind)  # noqa: E731
+    if any(form(p) != form(first) for p in parts[1:]):
+        raise OnnxqError(f"{where} packs layers quantized differently (bits, group or zero points): the genai graph "
+                         "needs one format per packed projection; drop --v-int-zero or write a .onnx file")
     zeros = None if first.zeros is None else np.concatenate([p.zeros for p in parts])
     return QuantizedWeight(codes=np.concatenate([p.codes for p in parts]), scales=np.concatenate([p.scales for p in parts]),
                            zeros=zeros, bits=first.bits, group_size=first.group_size)
