@@ -57,9 +57,9 @@ EXPECT = {
     "gemma2": Expect(GATED, rotate=POST_NORM),
     "gemma3_text": Expect(GATED, rotate=POST_NORM, folder="KeyError: 'rope_type'"),  # the builder vs transformers 5
     "gpt2": Expect(("c_attn", "c_proj", "c_fc", "c_proj"), rope=None, rotate=LAYER_NORM,
-                   folder="model_type 'gpt2' is not a decoder the onnxruntime-genai builder handles"),
+                   folder="architecture 'GPT2LMHeadModel' is not a text decoder the onnxruntime-genai builder handles"),
     "bert": Expect(("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"), rope=None,
-                   rotate=LAYER_NORM, folder="model_type 'bert' is not a decoder the onnxruntime-genai builder handles"),
+                   rotate=LAYER_NORM, folder="architecture 'BertModel' is not a text decoder the onnxruntime-genai builder handles"),
 }
 
 

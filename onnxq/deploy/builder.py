@@ -15,9 +15,13 @@ from pathlib import Path
 
 from onnxq.errors import OnnxqError
 
-# model_type values the 0.18 builder builds as a plain decoder (builder.py's dispatch); others take the optimum path
-BUILDER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "olmo",
-                       "granite", "smollm3", "nemotron", "ernie4_5")
+# Text decoders the 0.18 builder dispatches on (builder.py: `config.architectures[0] == ...`); its multimodal, MoE
+# and speech entries are left to the .onnx path, as are the architectures it does not know
+BUILDER_ARCHITECTURES = (
+    "Ernie4_5ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
+    "HunYuanDenseV1ForCausalLM", "InternLM2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "NemotronForCausalLM",
+    "OlmoForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM",
+)
 
 
 def genai_python() -> Path:
@@ -35,9 +39,9 @@ def builder_supports(hf_folder: Path) -> str | None:
     config = Path(hf_folder) / "config.json"
     if not config.is_file():
         return "no config.json (not a Hugging Face folder)"
-    model_type = json.loads(config.read_text()).get("model_type")
-    if model_type not in BUILDER_MODEL_TYPES:
-        return f"model_type {model_type!r} is not a decoder the onnxruntime-genai builder handles"
+    architecture = (json.loads(config.read_text()).get("architectures") or [None])[0]
+    if architecture not in BUILDER_ARCHITECTURES:
+        return f"architecture {architecture!r} is not a text decoder the onnxruntime-genai builder handles"
     return None
 
 
