@@ -154,7 +154,7 @@ def quantize(
             _trim_heap()
     info = _provenance(recipe, rotation, calib, windows, path)
     if to_folder:
-        written = _write_folder(build, proto, layers, results, recipe, info, output, read)
+        written = _write_folder(build, layers, results, recipe, info, output, read)
     else:
         out = _rewrite(proto, layers, results, recipe)
         add_provenance(out, info)
@@ -221,7 +221,7 @@ def _float_build(model, recipe: QuantRecipe, output: Path) -> Path:
                      "give one of those, or an output path ending in .onnx")
 
 
-def _write_folder(build: Path, proto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe, info: dict,
+def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe: QuantRecipe, info: dict,
                   output: Path, read) -> dict:
     """The builder's graph with the solved weights (matched layer by layer) as an onnxruntime-genai folder."""
     from .deploy.genai import match_layers, write_folder
@@ -239,7 +239,8 @@ def _write_folder(build: Path, proto, layers: list[LinearLayer], results: dict, 
         if any(results[p.node].bias is not None for p in parts):
             biases[name] = np.concatenate([results[p.node].bias.numpy() if results[p.node].bias is not None
                                            else np.zeros(p.n, np.float32) for p in parts]).astype(np.float32)
-    written = write_folder(build, weights, biases, accuracy_level=recipe.accuracy_level, provenance=info, out=output)
+    written = write_folder(build, graph, weights, biases, accuracy_level=recipe.accuracy_level, provenance=info,
+                           out=output)
     return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "float_build": str(build), **written}
 
 

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.analysis import LinearLayer
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model, read_array, save_model_atomic
+from onnxq.io import read_array, save_model_atomic
 from onnxq.passes.metadata import add_provenance
 from onnxq.passes.normalize import Names, remove_unused
 from onnxq.passes.rewrite import MS_DOMAIN, QuantizedWeight, to_matmulnbits
@@ -134,12 +134,12 @@ def _bias_inputs(graph: onnx.ModelProto, biases: dict[str, np.ndarray]) -> None:
         node.input.extend(inputs)
 
 
-def write_folder(build: Path, weights: dict[str, list[QuantizedWeight]], biases: dict[str, np.ndarray], *,
-                 accuracy_level: int, provenance: dict, out: Path) -> dict:
-    """Write the builder's graph in `build` with `weights` (builder MatMul -> parts along N) and output `biases` as a
-    folder `out` onnxruntime-genai loads (model, genai_config.json, tokenizer files); atomic. Returns what changed."""
+def write_folder(build: Path, graph: onnx.ModelProto, weights: dict[str, list[QuantizedWeight]],
+                 biases: dict[str, np.ndarray], *, accuracy_level: int, provenance: dict, out: Path) -> dict:
+    """Write `graph` (the builder's, from `build`, loaded without weights; changed in place) with `weights` (builder
+    MatMul -> parts along N) and output `biases` as a folder `out` onnxruntime-genai loads (model, genai_config.json,
+    tokenizer files); atomic. Returns what changed."""
     src = build / "model.onnx"
-    graph = load_model(src, load_weights=False)
     packed = {name: packed_weight(parts, name) for name, parts in weights.items()}
     to_matmulnbits(graph, packed, accuracy_level=accuracy_level)
     _bias_inputs(graph, biases)
