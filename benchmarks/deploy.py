@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from benchmarks.run import machine, versions
     from onnxq.models.export import export_onnx, hf_folder, load_tokenizer
-    from onnxq.textdata import load_text, token_windows
+    from onnxq.calibrate.textdata import load_text, token_windows
 
     hf = hf_folder(args.model)
     windows = token_windows(load_tokenizer(export_onnx(args.model)), load_text("sotu-eval"), 512, 8)

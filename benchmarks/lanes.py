@@ -21,7 +21,7 @@ def run(mode: str, model: str, out: Path) -> dict:
     """One quantization in this process; `mode` "one-after-another" replaces solve_block by a plain loop."""
     import onnxq.pipeline as P
     from onnxq import QuantRecipe
-    from onnxq.solve import solve_layer
+    from onnxq.solve.dispatch import solve_layer
 
     if mode == "one-after-another":
         P.solve_block = lambda layers, weights, stats, r: [solve_layer(l, W, stats, r) for l, W in zip(layers, weights)]

@@ -62,9 +62,9 @@ def transplant(quant: str | Path, host: str | Path, out: str | Path) -> dict:
     Returns {"replaced": n, "removed_initializers": m}. Raises OnnxqError when a quantized layer has no counterpart
     in the host or reads a tensor the host does not have.
     """
-    from onnxq.io import load_model, save_model_atomic
-    from onnxq.passes.metadata import read_provenance
-    from onnxq.passes.rewrite import _raise_opset
+    from onnxq.graph.io import load_model, save_model_atomic
+    from onnxq.graph.metadata import read_provenance
+    from onnxq.formats.rewrite import _raise_opset
 
     q = load_model(quant)
     if read_provenance(q).get("rotate") is True:
@@ -152,7 +152,7 @@ def _merge_opsets(host: onnx.ModelProto, quant: onnx.ModelProto, raise_opset) ->
 
 def restamp(src: str | Path, out: str | Path, accuracy_level: int) -> int:
     """Copy of `src` with every MatMulNBits' accuracy_level set (0 removes the attribute); returns the count."""
-    from onnxq.io import load_model, save_model_atomic
+    from onnxq.graph.io import load_model, save_model_atomic
 
     m = load_model(src)
     count = 0

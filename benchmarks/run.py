@@ -537,7 +537,7 @@ def default_device(ep: str) -> str:
 
 
 def _run(args) -> int:
-    from onnxq.textdata import load_text, token_windows
+    from onnxq.calibrate.textdata import load_text, token_windows
 
     opts = {**DEFAULTS, **OPTIONS.get(args.suite, {})}
     lat = dict(opts["latency"]) if opts["latency"] else None

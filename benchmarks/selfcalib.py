@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     from onnxq.pipeline import quantize
     from onnxq.recipe import QuantRecipe
     from onnxq.report import evaluate
-    from onnxq.selfcalib import TEMPERATURE, TOP_K
+    from onnxq.calibrate.selfcalib import TEMPERATURE, TOP_K
 
     result = {"command": "python -m benchmarks.selfcalib " + shlex.join(sys.argv[1:] if argv is None else argv),
               "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),

@@ -121,11 +121,11 @@ def quantize(
     seed: int = typer.Option(_D.seed, rich_help_panel=ADV, help="seed for calibration window sampling"),
 ) -> None:
     """Quantize the linear layers of a model and write a generation-ready folder, MatMulNBits or QDQ."""
-    from .io import check_output_path
+    from .graph.io import check_output_path
     from .pipeline import quantize as run_quantize
-    from .selfcalib import calib_text_path, save_text
+    from .calibrate.selfcalib import calib_text_path, save_text
     from .report import check_report_path
-    from .targets import advise, support
+    from .formats.targets import advise, support
 
     if report:
         check_report_path(report)  # before the run, not after it
@@ -240,8 +240,9 @@ def eval_cmd(
             rep.save(report)
     if edge or (edge is None and edge_only):
         from .models.export import load_tokenizer
+        from .report import write_report
         from .runtime.edge import edge_eval
-        from .textdata import load_text, token_windows
+        from .calibrate.textdata import load_text, token_windows
 
         if ep not in EDGE_EPS:
             raise OnnxqError(f"the edge check runs on {', '.join(EDGE_EPS)}, not {ep!r}")
@@ -249,7 +250,7 @@ def eval_cmd(
         erep = edge_eval(quant_model or fpath, ep, prompt, threads=threads or None, runs=runs)
         print(erep.markdown())
         if report:
-            erep.save(report if rep is None else f"{report}-edge")
+            write_report(report if rep is None else f"{report}-edge", erep.to_dict(), erep.markdown())
         if not erep.ok:
             raise typer.Exit(1)
 
@@ -257,7 +258,7 @@ def eval_cmd(
 def _check_models(*paths: Path | None) -> None:
     """Read each model's graph and check its external data (weights are not read), so that a corrupt file fails in
     one line before any work; a folder stands for the model.onnx in it."""
-    from .io import load_graph
+    from .graph.io import load_graph
 
     for path in filter(None, paths):
         load_graph(path / "model.onnx" if path.is_dir() else path)

@@ -15,11 +15,11 @@ from onnx import TensorProto, helper
 from rich.console import Console
 from rich.table import Table
 
-from . import targets
-from .analysis import block_index, block_numbers, linear_layers
-from .attention import attention_blocks
-from .io import load_model
-from .passes.metadata import read_provenance
+from .formats import targets
+from .analysis.layers import block_index, block_numbers, linear_layers
+from .analysis.attention import attention_blocks
+from .graph.io import load_model
+from .graph.metadata import read_provenance
 
 SCHEMA_VERSION = 1
 MS_DOMAIN = "com.microsoft"
@@ -438,7 +438,7 @@ def _requirements(model: onnx.ModelProto) -> list[str]:
 
 
 def _lint(layers: list[Layer], target: str) -> dict:
-    """Errors and warnings of `onnxq.targets` for every layer, grouped by message."""
+    """Errors and warnings of `onnxq.formats.targets` for every layer, grouped by message."""
     t = targets.support(target)
     found: dict[tuple[str, str], list[str]] = {}
     for l in layers:

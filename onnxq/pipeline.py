@@ -14,18 +14,18 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .analysis import LinearLayer, linear_layers, partition
+from .analysis.layers import LinearLayer, linear_layers, partition
 from .errors import OnnxqError
-from .io import read_array
+from .graph.io import read_array
 from .recipe import QuantRecipe
-from .attention import attention_blocks
-from .attention_stats import AttentionStats
-from .block_tune import tune_block
-from .mlp import GatedMlp, gated_mlps, product_map
-from .solve import BlockStats, loss_hessian, solve_block, solve_layer
+from .analysis.attention import attention_blocks
+from .calibrate.attention_stats import AttentionStats
+from .solve.block_tune import tune_block
+from .analysis.mlp import GatedMlp, gated_mlps, product_map
+from .solve.dispatch import BlockStats, loss_hessian, solve_block, solve_layer
 from .solvers import QuantResult, layer_loss, up_row_hessian, value_row_hessian
-from .stats import Covariance
-from .torch_graph import TorchGraph
+from .calibrate.stats import Covariance
+from .solve.torch_graph import TorchGraph
 
 
 @dataclass
@@ -45,7 +45,7 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
     deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
     calib_generation_seconds: float = 0.0  # --calib self: sampling the windows from the float model (in total_seconds)
-    calib_text: str = ""  # --calib self: the sampled windows decoded, for reading (onnxq.selfcalib.windows_text)
+    calib_text: str = ""  # --calib self: the sampled windows decoded, for reading (onnxq.calibrate.selfcalib.windows_text)
 
     def to_dict(self) -> dict:
         """JSON-ready dict."""
@@ -83,14 +83,14 @@ def quantize(
 
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
-    from .io import (
+    from .graph.io import (
         Weights, check_external_data, check_graph, check_output_path, detach_weights, load_model, load_tensor_data,
         restore_weights, save_model_atomic,
     )
     from .models.export import load_tokenizer, resolve_model
-    from .passes.metadata import add_provenance
-    from .passes.normalize import normalize
-    from .textdata import load_text, token_windows
+    from .graph.metadata import add_provenance
+    from .graph.normalize import normalize
+    from .calibrate.textdata import load_text, token_windows
 
     output = Path(output)
     to_folder = output.suffix != ".onnx"  # a generation-ready folder (onnxruntime-genai) rather than one graph
@@ -122,7 +122,7 @@ def quantize(
     if data_free:
         windows = np.zeros((0, 0), np.int64)
     elif windows is None and calib == "self":  # data-free: windows sampled from the float model itself
-        from .selfcalib import self_calibration
+        from .calibrate.selfcalib import self_calibration
 
         windows, gen_s, calib_text = self_calibration(model, recipe, ep=ep)
     elif windows is None:
@@ -189,7 +189,7 @@ def _provenance(recipe: QuantRecipe, rotation: str | None, calib, windows: np.nd
                 calibration={"text": str(calib), "windows": int(len(windows)),
                              "seq_len": int(windows.shape[1]) if windows.ndim == 2 else 0, "seed": recipe.seed})
     if str(calib) == "self":  # data-free: the sampler's settings
-        from .selfcalib import TEMPERATURE, TOP_K
+        from .calibrate.selfcalib import TEMPERATURE, TOP_K
 
         info["calibration"] |= {"temperature": TEMPERATURE, "top_k": TOP_K}
     info["algorithm"] = info.pop("algo")
@@ -225,7 +225,7 @@ def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe:
                   output: Path, read) -> dict:
     """The builder's graph with the solved weights (matched layer by layer) as an onnxruntime-genai folder."""
     from .deploy.genai import match_layers, write_folder
-    from .io import load_model as load
+    from .graph.io import load_model as load
 
     graph = load(build / "model.onnx", load_weights=False)
     matched = match_layers(graph, build, layers, lambda l: read(l).T.numpy())
@@ -246,7 +246,7 @@ def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe:
 
 def _quantized_weight(r: QuantResult):
     """A solved layer as the rewrite's QuantizedWeight (rows = output channels)."""
-    from .passes.rewrite import QuantizedWeight
+    from .formats.rewrite import QuantizedWeight
 
     return QuantizedWeight(codes=r.codes.cpu().numpy(), scales=r.scales.float().cpu().numpy(),
                            zeros=None if r.sym else r.zeros.cpu().numpy(), bits=r.bits, group_size=r.group_size)
@@ -274,7 +274,7 @@ def _blockwise(
 ) -> None:
     """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized), then the `head`
     layers (the LM head) on the quantized stream past the last block with `recipe.head_recipe()`; fills `solved`."""
-    from .runtime.calibrate import BlockRunner
+    from .calibrate.runner import BlockRunner
 
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
@@ -385,7 +385,7 @@ def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats
     """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
     inputs, blended by `block_tune_alpha` toward the float stream `envs_fp`, already at this block's outputs); keeps
     the tuned results with their layer losses."""
-    from .runtime.calibrate import with_output_bias
+    from .calibrate.runner import with_output_bias
 
     piece = runner.piece(b)
     reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies the weights)
@@ -468,8 +468,8 @@ def _up_rows(proto: onnx.ModelProto, mlps: list[GatedMlp], stats: BlockStats, re
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:
     """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
     `folder`'s memory. Returns the rotated proto and what was rotated, in words."""
-    from .io import detach_weights, load_tensor_data
-    from .passes.rotate import head_tensors, is_hadamard_order, residual_plan, rotate_residual
+    from .graph.io import detach_weights, load_tensor_data
+    from .preprocess.rotate import head_tensors, is_hadamard_order, residual_plan, rotate_residual
 
     plan = residual_plan(proto)
     weight = {l.node: l.weight for l in linear_layers(proto)}
@@ -492,7 +492,7 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
 def _normalize_reads(model: onnx.ModelProto, folder: str) -> list[onnx.TensorProto]:
     """Initializers normalize may rewrite (weights of Gemm, Transpose-fed weights, likely copies of one weight, read
     from the model's `folder`): loaded before it runs."""
-    from .passes.normalize import duplicate_candidates
+    from .graph.normalize import duplicate_candidates
 
     names = {t for n in model.graph.node if n.op_type in ("Gemm", "Transpose")
              for t in (n.input[1:3] if n.op_type == "Gemm" else n.input[:1])}
@@ -515,7 +515,7 @@ def _compact(res):
 
 def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:
     """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul (+ Add of their output bias, if any)."""
-    from .passes.rewrite import add_output_bias, to_matmulnbits, to_qdq
+    from .formats.rewrite import add_output_bias, to_matmulnbits, to_qdq
 
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer}
     biases = {l.node: results[l.node].bias.numpy().astype(dtypes[l.weight]) for l in layers

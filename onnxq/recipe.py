@@ -39,7 +39,7 @@ class QuantRecipe:
     up_row_factor: bool = False  # TurboBoA: up_proj rows coupled through the down projection, (J Jᵀ) ⊙ E[a aᵀ]
     true_sequential: bool = False  # re-capture each layer group's inputs after the block's earlier layers are quantized
     bias_correction: bool = False  # solve on centred statistics and add the output bias that removes the mean error
-    rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (passes/rotate.py)
+    rotate: bool = False  # rotate the residual stream, each head's values and the down_proj inputs first (preprocess/rotate.py)
     special_tokens: bool = True  # calibration windows start with the prefix (BOS) the tokenizer adds for normal use
     calib_windows: int = 16
     calib_seq_len: int = 512
@@ -114,7 +114,7 @@ class QuantRecipe:
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
         if self.target is not None:
-            from .targets import check, support
+            from .formats.targets import check, support
 
             group = 128 if self.group_size is None else self.group_size  # a .onnx file's default, until for_output
             problems = check(self.target, self.bits, self.format, group, accuracy_level=self.accuracy_level)
@@ -197,7 +197,7 @@ def build_recipe(preset: str | None = None, file=None, **explicit) -> QuantRecip
         values.update(load_recipe_file(file))
     values.update(recipe_fields(explicit, "options"))
     if values.get("target"):  # what the recipe leaves open takes the target's choice (onnxq/targets.py)
-        from .targets import choose, support
+        from .formats.targets import choose, support
 
         fmt, level = choose(values["target"], values.get("bits", 4))
         values.setdefault("format", fmt)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import OnnxqError
-from .io import check_output_path, one_line
+from .graph.io import check_output_path, one_line
 
 
 @dataclass
@@ -122,7 +122,7 @@ def evaluate(
     `special_tokens`, each window starts with the tokenizer's prefix ids (e.g. BOS), which are never scored."""
     from .models.export import load_tokenizer, resolve_model
     from .runtime.evaluate import file_size, output_error, perplexity
-    from .textdata import load_text, special_prefix, token_windows
+    from .calibrate.textdata import load_text, special_prefix, token_windows
 
     fpath = resolve_model(str(float_model)) if float_model else None
     qpath = Path(quant_model) if quant_model else None

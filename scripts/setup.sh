@@ -28,7 +28,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 if command -v npm >/dev/null 2>&1; then
-  npm ci --prefix runtime/web --no-audit --no-fund --loglevel=error
+  npm ci --prefix onnxq/runtime/web --no-audit --no-fund --loglevel=error
 else
   echo "setup.sh: npm not found (apt-get install nodejs npm): the browser tests will skip" >&2
 fi

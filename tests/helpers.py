@@ -7,8 +7,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.io import read_array
-from onnxq.packing import unpack_nbits
+from onnxq.graph.io import read_array
+from onnxq.formats.packing import unpack_nbits
 from onnxq.runtime.session import make_session, model_feeds
 
 

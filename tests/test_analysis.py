@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxq.analysis import linear_layers, partition
-from onnxq.attention import attention_blocks
+from onnxq.analysis.layers import linear_layers, partition
+from onnxq.analysis.attention import attention_blocks
 from onnxq.errors import OnnxqError
-from onnxq.passes.normalize import normalize
-from onnxq.runtime.calibrate import BlockRunner
+from onnxq.graph.normalize import normalize
+from onnxq.calibrate.runner import BlockRunner
 from onnxq.runtime.session import make_session, model_feeds
 from tests.tiny import tiny_bert_onnx, tiny_gpt2_onnx, tiny_llama_onnx
 

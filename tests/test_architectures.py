@@ -13,14 +13,14 @@ import onnx
 import pytest
 import torch
 
-from onnxq.analysis import linear_layers, partition
-from onnxq.attention import attention_blocks, cache_head_dims
+from onnxq.analysis.layers import linear_layers, partition
+from onnxq.analysis.attention import attention_blocks, cache_head_dims
 from onnxq.deploy.builder import float_build
 from onnxq.deploy.generate import generate
 from onnxq.errors import OnnxqError
 from onnxq.models.export import export_onnx
-from onnxq.passes.metadata import read_provenance
-from onnxq.passes.normalize import normalize
+from onnxq.graph.metadata import read_provenance
+from onnxq.graph.normalize import normalize
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.evaluate import perplexity

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from onnxq.attention import AttentionBlock
-from onnxq.attention_stats import AttentionStats
+from onnxq.analysis.attention import AttentionBlock
+from onnxq.calibrate.attention_stats import AttentionStats
 from onnxq.solvers import derotate_average
 
 

@@ -194,7 +194,7 @@ def test_first_line_and_pareto():
 
 
 def test_byte_tokens_windows():
-    from onnxq.textdata import token_windows
+    from onnxq.calibrate.textdata import token_windows
 
     w = token_windows(R.ByteTokens(), "hello world, " * 20, 16, 3)
     assert w.shape == (3, 16) and w.dtype == np.int64 and w.max() < 256

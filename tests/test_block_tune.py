@@ -7,16 +7,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from onnxq.analysis import linear_layers, partition
-from onnxq.block_tune import tune_block
+from onnxq.analysis.layers import linear_layers, partition
+from onnxq.solve.block_tune import tune_block
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model
-from onnxq.passes.normalize import normalize
+from onnxq.graph.io import load_model
+from onnxq.graph.normalize import normalize
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
-from onnxq.runtime.calibrate import BlockRunner
+from onnxq.calibrate.runner import BlockRunner
 from onnxq.solvers import QuantSpec, solve_rtn
-from onnxq.torch_graph import TorchGraph
+from onnxq.solve.torch_graph import TorchGraph
 from tests.tiny import matmul_model, tiny_gpt2_onnx, tiny_llama_onnx
 
 

@@ -9,11 +9,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.analysis import linear_layers, partition
-from onnxq.attention import attention_blocks, cache_head_dims
+from onnxq.analysis.layers import linear_layers, partition
+from onnxq.analysis.attention import attention_blocks, cache_head_dims
 from onnxq.deploy.builder import float_build
 from onnxq.errors import OnnxqError
-from onnxq.io import check_graph, load_model
+from onnxq.graph.io import check_graph, load_model
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.session import make_session, model_feeds

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from onnxq.cli import app
-from onnxq.io import save_model_atomic
+from onnxq.graph.io import save_model_atomic
 from tests.test_reliability import CALIB, save, small
 from tests.tiny import matmul_model
 

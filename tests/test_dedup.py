@@ -1,5 +1,4 @@
 """Copies of one weight (a tied embedding / LM head written twice) become one tensor in normalize and in the file."""
-import importlib
 
 import numpy as np
 import onnx
@@ -7,15 +6,15 @@ import pytest
 from onnx import numpy_helper
 
 from onnxq import QuantRecipe
-from onnxq.io import load_model, save_model_atomic
-from onnxq.passes.normalize import dedupe_weights, duplicate_candidates, normalize
+from onnxq.graph.io import load_model, save_model_atomic
+from onnxq.graph.normalize import dedupe_weights, duplicate_candidates, normalize
 from onnxq.pipeline import quantize
 from onnxq.runtime.evaluate import file_size
 from onnxq.runtime.session import make_session, model_feeds
 from tests.test_normalize import check_same_outputs
 from tests.tiny import matmul_model, tied_embedding_model, tiny_llama_onnx
 
-NORMALIZE = importlib.import_module("onnxq.passes.normalize")  # the module (onnxq.passes exports the function)
+from onnxq.graph import normalize as NORMALIZE
 
 
 def two_copies(model: onnx.ModelProto, *, transposed: bool = True) -> onnx.ModelProto:

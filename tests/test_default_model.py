@@ -10,7 +10,7 @@ from onnxq.inspect import inspect_model
 from onnxq.models.export import export_onnx, load_tokenizer
 from onnxq.pipeline import quantize
 from onnxq.runtime.evaluate import perplexity
-from onnxq.textdata import load_text, token_windows
+from onnxq.calibrate.textdata import load_text, token_windows
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ from onnxq.cli import app
 from onnxq.deploy.builder import float_build
 from onnxq.deploy.generate import generate
 from onnxq.errors import OnnxqError
-from onnxq.io import read_array
+from onnxq.graph.io import read_array
 from onnxq.models.export import export_onnx
-from onnxq.passes.metadata import read_provenance
-from onnxq.passes.rewrite import add_output_bias
+from onnxq.graph.metadata import read_provenance
+from onnxq.formats.rewrite import add_output_bias
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.evaluate import file_size

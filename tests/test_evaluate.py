@@ -145,7 +145,7 @@ def bos_llama(tmp_path_factory):
 def test_eval_windows_start_with_the_tokenizer_s_bos(bos_llama):
     from onnxq.models.export import load_tokenizer
     from onnxq.report import evaluate
-    from onnxq.textdata import load_text, token_windows
+    from onnxq.calibrate.textdata import load_text, token_windows
 
     rep = evaluate(bos_llama, tokens=96, seq_len=32)
     windows = token_windows(load_tokenizer(bos_llama), load_text("sotu-eval"), 32, 3)

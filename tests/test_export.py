@@ -150,7 +150,7 @@ def converted_tokenizer(folder) -> None:
 
 def test_registry_tokenizer_gets_the_model_s_conventions(cache, tmp_path):
     """A cached conversion written before the fix is repaired on load: no BOS, EOS <|im_end|>, same text ids."""
-    from onnxq.textdata import special_prefix
+    from onnxq.calibrate.textdata import special_prefix
 
     folder = cache / "onnx" / "smollm2"
     converted_tokenizer(folder)
@@ -169,7 +169,7 @@ def test_registry_tokenizer_gets_the_model_s_conventions(cache, tmp_path):
 
 
 def test_cached_registry_export_is_fixed(cache):
-    from onnxq.textdata import special_prefix
+    from onnxq.calibrate.textdata import special_prefix
 
     (cache / "hf" / "smollm2").mkdir(parents=True)
     (cache / "hf" / "smollm2" / "config.json").write_text("{}")
@@ -185,7 +185,7 @@ def test_cached_registry_export_is_fixed(cache):
 @pytest.mark.slow
 def test_smollm2_exports_with_30_layers_and_finite_perplexity(monkeypatch):
     from onnxq.runtime.evaluate import perplexity
-    from onnxq.textdata import load_text, token_windows
+    from onnxq.calibrate.textdata import load_text, token_windows
 
     monkeypatch.delenv("ONNXQ_CACHE")  # reuse the user's cache: the export takes about a minute
     path = resolve_model("smollm2")

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from onnxq import OnnxqError, QuantRecipe
-from onnxq.analysis import linear_layers, partition
-from onnxq.attention import attention_blocks
+from onnxq.analysis.layers import linear_layers, partition
+from onnxq.analysis.attention import attention_blocks
 from onnxq.inspect import inspect_model
 from onnxq.pipeline import quantize
 from tests.test_large_model import decoder_model

@@ -12,13 +12,14 @@ from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 from typer.testing import CliRunner
 
-from onnxq.analysis import linear_layers
+from onnxq.analysis.layers import linear_layers
 from onnxq.cli import app
 from onnxq.inspect import SCHEMA_VERSION, inspect_model, render
-from onnxq.io import load_model, save_model_atomic
-from onnxq.packing import pack_bits
-from onnxq.passes import QuantizedWeight, add_provenance, to_matmulnbits, to_qdq
-from onnxq.passes.normalize import normalize
+from onnxq.graph.io import load_model, save_model_atomic
+from onnxq.formats.packing import pack_bits
+from onnxq.formats.rewrite import QuantizedWeight, to_matmulnbits, to_qdq
+from onnxq.graph.metadata import add_provenance
+from onnxq.graph.normalize import normalize
 from tests.tiny import matmul_model, tied_embedding_model, tiny_llama_onnx
 
 LAYER = "/layers.0/MatMul"

@@ -8,10 +8,10 @@ import pytest
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from onnxq import io
+from onnxq.graph import io
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model, restore_weights, save_model_atomic, strip_weights
-from onnxq.passes import add_provenance, read_provenance
+from onnxq.graph.io import load_model, restore_weights, save_model_atomic, strip_weights
+from onnxq.graph.metadata import add_provenance, read_provenance
 from tests.tiny import matmul_model
 
 

@@ -8,10 +8,10 @@ import torch
 from onnx import numpy_helper
 
 from onnxq import QuantRecipe
-from onnxq.analysis import linear_layers
-from onnxq.mlp import gated_mlps, product_map
-from onnxq.passes.normalize import normalize
-from onnxq.passes.rotate import residual_plan, rotate_residual
+from onnxq.analysis.layers import linear_layers
+from onnxq.analysis.mlp import gated_mlps, product_map
+from onnxq.graph.normalize import normalize
+from onnxq.preprocess.rotate import residual_plan, rotate_residual
 from onnxq.pipeline import quantize
 from onnxq.solvers import layer_loss, up_row_hessian
 from tests.tiny import tiny_llama_onnx

@@ -6,8 +6,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
-from onnxq.io import load_model, save_model_atomic
-from onnxq.passes import normalize
+from onnxq.graph.io import load_model, save_model_atomic
+from onnxq.graph.normalize import normalize
 from tests.tiny import (
     constant_weight_model, gemm_model, matmul_model, tied_embedding_model, tiny_bert_onnx, tiny_gpt2_onnx,
     tiny_llama_onnx, transpose_weight_model,

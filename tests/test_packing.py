@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.packing import pack_bits, pack_nbits, pack_subbyte, unpack_bits, unpack_nbits, unpack_subbyte
+from onnxq.formats.packing import pack_bits, pack_nbits, pack_subbyte, unpack_bits, unpack_nbits, unpack_subbyte
 
 RNG = np.random.default_rng(0)
 

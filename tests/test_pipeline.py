@@ -10,7 +10,7 @@ from onnxq import QuantRecipe
 from onnxq.cli import app
 from onnxq.errors import OnnxqError
 from onnxq.inspect import inspect_model
-from onnxq.passes.metadata import read_provenance
+from onnxq.graph.metadata import read_provenance
 from onnxq.pipeline import quantize
 from onnxq.runtime.session import make_session, model_feeds
 from tests.tiny import tiny_llama_onnx
@@ -107,7 +107,7 @@ def test_cli_bad_input(llama, tmp_path, args, needle):
 
 def test_tied_head_stays_shared(tmp_path):
     """With lm_head excluded, a Transpose-fed tied head keeps reading the embedding instead of a float copy."""
-    from onnxq.passes.normalize import normalize
+    from onnxq.graph.normalize import normalize
     from tests.tiny import tiny_gpt2_onnx
 
     src = onnx.load(tiny_gpt2_onnx(tmp_path, constant_folding=False))

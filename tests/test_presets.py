@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import onnxq.pipeline
 from onnxq.cli import app
 from onnxq.errors import OnnxqError
-from onnxq.passes.metadata import read_provenance
+from onnxq.graph.metadata import read_provenance
 from onnxq.recipe import PRESETS, QuantRecipe, build_recipe, load_recipe_file
 
 README_FLAGS = {  # the README's best measured recipe per bit width, as its commands spell them

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 import onnxq.pipeline
-import onnxq.solve
+import onnxq.solve.dispatch
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.cli import app
 from onnxq.pipeline import quantize
@@ -240,7 +240,7 @@ def test_interrupted_run_writes_nothing(tmp_path, good, text, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(onnxq.pipeline, "solve_layer", solve_then_interrupt)
-    monkeypatch.setattr(onnxq.solve, "solve_layer", solve_then_interrupt)  # solve_block's parallel layers
+    monkeypatch.setattr(onnxq.solve.dispatch, "solve_layer", solve_then_interrupt)  # solve_block's parallel layers
     out = tmp_path / "q.onnx"
     res = runner.invoke(app, ["quantize", str(good), "-o", str(out), "--calib", str(text), *CALIB])
     assert res.exit_code == 130, res.output
@@ -251,12 +251,12 @@ def test_interrupted_run_writes_nothing(tmp_path, good, text, monkeypatch):
 
 
 def test_interrupted_save_leaves_no_temp_files(tmp_path, good, monkeypatch):
-    import onnxq.io
+    import onnxq.graph.io
 
     def interrupt(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnxq.io.os, "fsync", interrupt)
+    monkeypatch.setattr(onnxq.graph.io.os, "fsync", interrupt)
     out = tmp_path / "q.onnx"
     with pytest.raises(KeyboardInterrupt):
         quantize(good, QuantRecipe(algo="rtn", group_size=32), out, windows=windows(vocab=VOCAB), progress=False)
@@ -347,12 +347,12 @@ def test_external_source_gives_the_same_weights_as_inline(tmp_path, fmt):
 
 def test_lazy_load_reads_only_what_it_needs(tmp_path, monkeypatch):
     """No code path loads the whole external model: load_external_data_for_model is never called."""
-    import onnxq.io
+    import onnxq.graph.io
 
     def forbidden(*_a, **_k):
         raise AssertionError("the whole model's external data was loaded")
 
-    monkeypatch.setattr(onnxq.io, "load_external_data_for_model", forbidden)
+    monkeypatch.setattr(onnxq.graph.io, "load_external_data_for_model", forbidden)
     src = save(small(), tmp_path / "m", external=True)
     quantize(src, QuantRecipe(algo="gptq", group_size=16), tmp_path / "q.onnx", windows=windows(vocab=VOCAB), progress=False)
     assert (tmp_path / "q.onnx.data").is_file()
@@ -360,7 +360,7 @@ def test_lazy_load_reads_only_what_it_needs(tmp_path, monkeypatch):
 
 def test_detached_inline_weights_come_back(tmp_path):
     """detach_weights leaves a small proto; Weights hands each tensor back exactly (what pieces and solves read)."""
-    from onnxq.io import Weights, detach_weights, load_tensor_data, read_array
+    from onnxq.graph.io import Weights, detach_weights, load_tensor_data, read_array
 
     model = small()
     ref = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

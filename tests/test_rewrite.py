@@ -9,8 +9,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.errors import OnnxqError
-from onnxq.passes import QuantizedWeight, to_matmulnbits, to_qdq
-from onnxq.passes import rewrite
+from onnxq.formats import rewrite
+from onnxq.formats.rewrite import QuantizedWeight, to_matmulnbits, to_qdq
 from tests.tiny import matmul_model, tiny_llama, tiny_llama_onnx
 
 BITS = [2, 3, 4, 8]

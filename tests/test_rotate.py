@@ -7,11 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxq.attention import attention_blocks
+from onnxq.analysis.attention import attention_blocks
 from onnxq.errors import OnnxqError
-from onnxq.passes.normalize import normalize
-from onnxq.analysis import linear_layers
-from onnxq.passes.rotate import (
+from onnxq.graph.normalize import normalize
+from onnxq.analysis.layers import linear_layers
+from onnxq.preprocess.rotate import (
     ROTATION_TAG, hadamard, hadamard_factors, is_hadamard_order, random_rotation, residual_plan, rotate_residual,
 )
 from tests.tiny import tiny_bert_onnx, tiny_gpt2_onnx, tiny_llama_onnx

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from onnxq.cli import app
 from onnxq.errors import OnnxqError
 from onnxq.models.export import export_onnx
-from onnxq.passes.metadata import read_provenance
+from onnxq.graph.metadata import read_provenance
 from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.runtime.session import make_session, model_feeds
-from onnxq.selfcalib import (
+from onnxq.calibrate.selfcalib import (
     RECOMPUTE_MAX_LEN, STARTS, TEMPERATURE, TOP_K, generate_windows, make_stepper, sample,
 )
 from tests.tiny import byte_tokenizer, tiny_llama_hf, tiny_llama_onnx

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import onnxq.pipeline
-import onnxq.solve
+import onnxq.solve.dispatch
 from onnxq import OnnxqError, QuantRecipe
-from onnxq.analysis import LinearLayer
-from onnxq.solve import BlockStats, solve_block, solve_layer
-from onnxq.stats import Covariance
+from onnxq.analysis.layers import LinearLayer
+from onnxq.solve.dispatch import BlockStats, solve_block, solve_layer
+from onnxq.calibrate.stats import Covariance
 
 
 def _block(seed=0):
@@ -35,7 +35,7 @@ class _InThread:
 
     def solve(self, *args):
         try:
-            return True, onnxq.solve.solve_layer(*args)
+            return True, onnxq.solve.dispatch.solve_layer(*args)
         except Exception as err:
             return False, err
 
@@ -65,7 +65,7 @@ def test_side_by_side_equals_one_after_another(two_threads, algo):
 def test_a_failing_layer_stops_the_block(two_threads, monkeypatch):
     layers, weights, stats = _block()
     calls = []
-    real = onnxq.solve.solve_layer
+    real = onnxq.solve.dispatch.solve_layer
 
     def fail_on_first(layer, *args):
         calls.append(layer.node)
@@ -74,8 +74,8 @@ def test_a_failing_layer_stops_the_block(two_threads, monkeypatch):
         time.sleep(0.2)  # the others take a while, as real layers do
         return real(layer, *args)
 
-    monkeypatch.setattr(onnxq.solve, "solve_layer", fail_on_first)
-    monkeypatch.setattr(onnxq.solve, "_helpers", lambda n: [_InThread() for _ in range(n)])
+    monkeypatch.setattr(onnxq.solve.dispatch, "solve_layer", fail_on_first)
+    monkeypatch.setattr(onnxq.solve.dispatch, "_helpers", lambda n: [_InThread() for _ in range(n)])
     with pytest.raises(OnnxqError, match="layer n3: boom"):
         solve_block(layers, weights, stats, QuantRecipe(algo="gptq", bits=4, group_size=16).validate())
     assert calls[0] == "n3" and len(calls) < len(layers)  # the layers not started were dropped
@@ -101,8 +101,8 @@ def test_helpers_that_cannot_start_leave_the_work_here(two_threads, monkeypatch)
     def no_process(self):
         raise OSError("no processes here")
 
-    monkeypatch.setattr(onnxq.solve, "_HELPERS", [])
-    monkeypatch.setattr(onnxq.solve._Helper, "__init__", no_process)
+    monkeypatch.setattr(onnxq.solve.dispatch, "_HELPERS", [])
+    monkeypatch.setattr(onnxq.solve.dispatch._Helper, "__init__", no_process)
     layers, weights, stats = _block()
     recipe = QuantRecipe(algo="gptq", bits=4, group_size=16).validate()
     got = solve_block(layers, weights, stats, recipe)
@@ -116,6 +116,6 @@ def test_a_solver_error_in_a_helper_is_raised_and_keeps_the_helper(two_threads):
     bad = QuantRecipe(algo="gptq", bits=4, group_size=16)  # not validated: no grid, the solver refuses
     with pytest.raises(OnnxqError, match="unknown grid search"):
         solve_block(layers, weights, stats, bad)
-    helper = onnxq.solve._helpers(1)[0]
+    helper = onnxq.solve.dispatch._helpers(1)[0]
     ok, err = helper.solve(layers[0], weights[0], stats, bad)
     assert not ok and isinstance(err, OnnxqError) and helper.proc.poll() is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from onnxq.solvers import QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, solve_gptq
-from onnxq.stats import Covariance
+from onnxq.calibrate.stats import Covariance
 
 DT = torch.float64
 

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.cli import app
-from onnxq.passes.metadata import read_provenance
+from onnxq.graph.metadata import read_provenance
 from onnxq.pipeline import quantize
 from onnxq.runtime import edge
-from onnxq.targets import choose, support
+from onnxq.formats.targets import choose, support
 from tests.tiny import tiny_llama_onnx
 
 runner = CliRunner()

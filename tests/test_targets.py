@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxq import targets
+from onnxq.formats import targets
 from onnxq.errors import OnnxqError
 
 
@@ -94,7 +94,7 @@ def test_cpu_fuses_qdq_matmul_into_matmulnbits(tmp_path, bits, group):
     import onnx
     import onnxruntime as ort
 
-    from onnxq.passes import to_qdq
+    from onnxq.formats.rewrite import to_qdq
     from tests.test_rewrite import random_weight
     from tests.tiny import matmul_model
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from onnxq.errors import OnnxqError
-from onnxq.textdata import (
+from onnxq.calibrate.textdata import (
     CALIB_YEARS, EVAL_YEARS, load_text, sotu_dir, sotu_files, special_prefix, token_windows,
 )
 from tests.tiny import byte_tokenizer

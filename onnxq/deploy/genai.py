@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.analysis import LinearLayer
+from onnxq.analysis.layers import LinearLayer
 from onnxq.errors import OnnxqError
-from onnxq.io import read_array, save_model_atomic
-from onnxq.passes.metadata import add_provenance
-from onnxq.passes.normalize import Names, remove_unused
-from onnxq.passes.rewrite import MS_DOMAIN, QuantizedWeight, to_matmulnbits
+from onnxq.graph.io import read_array, save_model_atomic
+from onnxq.graph.metadata import add_provenance
+from onnxq.graph.normalize import Names, remove_unused
+from onnxq.formats.rewrite import MS_DOMAIN, QuantizedWeight, to_matmulnbits
 
 HEAD = "/lm_head/MatMul"
 _PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

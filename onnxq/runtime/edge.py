@@ -5,8 +5,8 @@ Chromium), compare its logits with the CPU EP, time it, and tell which provider 
 * openvino: this onnxruntime if its build has OpenVINOExecutionProvider, else the `onnxruntime-openvino` build in
   `.venv-openvino` (made by scripts/setup.sh; `ONNXQ_OPENVINO_PYTHON` points elsewhere), run as a subprocess,
   because that package installs the same `onnxruntime` module as the CPU one.
-* web-wasm, web-webgpu: `runtime/web/index.html` (onnxruntime-web from npm) served on 127.0.0.1 and driven in
-  headless Chromium by `runtime/web/drive.mjs` (playwright-core, Debian's /usr/bin/chromium).
+* web-wasm, web-webgpu: `onnxq/runtime/web/index.html` (onnxruntime-web from npm) served on 127.0.0.1 and driven in
+  headless Chromium by `onnxq/runtime/web/drive.mjs` (playwright-core, Debian's /usr/bin/chromium).
 
 Node placement: ORT's graph assignment record (`session.record_ep_graph_assignment_info`) in Python; in the
 browser, ORT's verbose session log ("Node(s) placed on [EP]", one line per node). Latency: the median of `runs`
@@ -43,7 +43,7 @@ from .session import providers_for
 
 EDGE_EPS = ("cpu", "cuda", "openvino", "web-wasm", "web-webgpu")
 WEB_DIR = Path(__file__).parent / "web"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # the ORT provider each edge EP should place quantized nodes on; web-wasm is the CPU EP compiled to WebAssembly,
 # web-webgpu is onnxruntime-web's WebGPU backend (JSEP: JsExecutionProvider)
 EP_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -137,12 +137,6 @@ class EdgeReport:
                          f"run (top-1 agreement {g['top1_agreement']:.3f}); the logits reference is the fp32 one.")
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
-
-    def save(self, stem: str | Path) -> tuple[Path, Path]:
-        """Write `<stem>.json` and `<stem>.md`."""
-        from onnxq.report import write_report
-
-        return write_report(stem, self.to_dict(), self.markdown())
 
 
 # --------------------------------------------------------------------------------------------------- model facts
@@ -313,12 +307,12 @@ def web_available() -> tuple[bool, str]:
         return False, "chromium is not installed (apt-get install chromium, or set ONNXQ_CHROMIUM)"
     for package in ("onnxruntime-web", "playwright-core"):
         if not (WEB_DIR / "node_modules" / package / "package.json").is_file():
-            return False, f"{package} is not installed in runtime/web (run: npm ci --prefix runtime/web)"
+            return False, f"{package} is not installed in onnxq/runtime/web (run: npm ci --prefix onnxq/runtime/web)"
     return True, ""
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """runtime/web at /, one model folder at /model/; cross-origin isolated so WASM threads are allowed."""
+    """onnxq/runtime/web at /, one model folder at /model/; cross-origin isolated so WASM threads are allowed."""
 
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
                       ".mjs": "text/javascript", ".wasm": "application/wasm", ".onnx": "application/octet-stream"}

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.analysis import ROTATION_TAG
-from onnxq.attention import GraphIndex
+from onnxq.analysis.layers import ROTATION_TAG
+from onnxq.analysis.attention import GraphIndex
 from onnxq.errors import OnnxqError
 
 _NORM_OPS = {"Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"}

@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.analysis import Partition
-from onnxq.attention import cache_head_dims
+from onnxq.analysis.layers import Partition
+from onnxq.analysis.attention import cache_head_dims
 from onnxq.errors import OnnxqError
-from onnxq.io import load_tensor_data
-from onnxq.passes.blocks import SubModel, build_model, split_model, tensor_types
-from onnxq.passes.rewrite import add_output_bias
+from onnxq.graph.io import load_tensor_data
+from onnxq.calibrate.blocks import SubModel, build_model, split_model, tensor_types
+from onnxq.formats.rewrite import add_output_bias
 
-from .session import ORT_ERRORS, ort_message, make_session, model_feeds
+from ..runtime.session import ORT_ERRORS, ort_message, make_session, model_feeds
 
 Env = dict[str, np.ndarray]
 

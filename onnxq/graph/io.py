@@ -15,7 +15,7 @@ from onnx.external_data_helper import (
     ExternalDataInfo, _get_all_tensors, load_external_data_for_model, load_external_data_for_tensor, uses_external_data,
 )
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of serialized proto above which weights go to "<name>.data"
 _MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay inside the .onnx file

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnxq.analysis import Partition
+from onnxq.analysis.layers import Partition
 
 
 @dataclass

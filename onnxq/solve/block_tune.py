@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .solvers import QuantResult
-from .solvers.grid import group_index, make_result
+from ..solvers import QuantResult
+from ..solvers.grid import group_index, make_result
 from .torch_graph import TorchGraph
 
 

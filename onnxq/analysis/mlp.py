@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .analysis import block_index, linear_layers
+from .layers import block_index, linear_layers
 from .attention import GraphIndex
 
 _PATH_OPS = {"Reshape", "MatMul"}  # what may sit between the gated product and the down projection (besides Shape)

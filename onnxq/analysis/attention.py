@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .analysis import LinearLayer, block_index, linear_layers
+from .layers import LinearLayer, block_index, linear_layers
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
 _DATA_ONLY = {"Reshape", "Expand", "Slice", "Unsqueeze", "Squeeze", "Tile", "Pad", "Gather", "Split"}

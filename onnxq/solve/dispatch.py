@@ -14,15 +14,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .analysis import LinearLayer
-from .attention_stats import AttentionStats
-from .errors import OnnxqError
-from .recipe import QuantRecipe
-from .solvers import (
+from ..analysis.layers import LinearLayer
+from ..calibrate.attention_stats import AttentionStats
+from ..errors import OnnxqError
+from ..recipe import QuantRecipe
+from ..solvers import (
     QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_codes, refine_group_scales, solve_boa,
     solve_gptq, solve_rtn, solve_turboboa,
 )
-from .stats import Covariance
+from ..calibrate.stats import Covariance
 
 
 UP_ROWS_PER_BLOCK = 128  # up_proj under its MLP row Hessian (d_ff rows, one head)
@@ -58,7 +58,7 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
                 recipe: QuantRecipe) -> list[tuple[QuantResult, float]]:
     """`solve_layer` for layers that are independent given `stats` (a block's layers without true-sequential), in
     order. On CPU with n intra-op threads, n lanes take the layers largest first: this process and n-1 helper
-    processes (`onnxq.solve_worker`), one torch thread each; the launch-bound column loops hold the GIL, so
+    processes (`onnxq.solve.worker`), one torch thread each; the launch-bound column loops hold the GIL, so
     threads alone overlapped little (1.27x on 2 cores). Same results as one after another."""
     lanes = min(len(layers), torch.get_num_threads()) if weights and weights[0].device.type == "cpu" else 1
     if lanes <= 1:
@@ -102,11 +102,11 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
 
 
 class _Helper:
-    """One solver process (`python -m onnxq.solve_worker`) that solves layers sent to it, one at a time."""
+    """One solver process (`python -m onnxq.solve.worker`) that solves layers sent to it, one at a time."""
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same onnxq as here
-        self.proc = subprocess.Popen([sys.executable, "-m", "onnxq.solve_worker"], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "onnxq.solve.worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
 
     def solve(self, *args) -> tuple[bool, object]:

@@ -1,6 +1,6 @@
-"""Helper process of `onnxq.solve.solve_block`: solves the layers it is sent (pickled on stdin, results on stdout).
+"""Helper process of `onnxq.solve.dispatch.solve_block`: solves the layers it is sent (pickled on stdin, results on stdout).
 
-Started as `python -m onnxq.solve_worker`, so it never imports the caller's `__main__` (multiprocessing's spawn
+Started as `python -m onnxq.solve.worker`, so it never imports the caller's `__main__` (multiprocessing's spawn
 would, and re-run an unguarded user script).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main() -> None:
     os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
     import torch
 
-    from onnxq.solve import solve_layer
+    from onnxq.solve.dispatch import solve_layer
 
     torch.set_num_threads(1)
     requests = sys.stdin.buffer

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 # The sampler's settings: plain softmax (temperature 1) over the whole vocabulary (top_k 0), as LLM-QAT's data-free
 # generation samples. Measured on SmolLM2, TurboBoA W4 g128 (benchmarks/results/selfcalib-2026-12-04*.md): top-k 50
@@ -30,7 +30,7 @@ RECOMPUTE_MAX_LEN = 64  # a graph without KV cache: longer windows cost over 32x
 
 def self_calibration(model: str | Path, recipe, *, ep: str = "cpu") -> tuple[np.ndarray, float, str]:
     """`quantize`'s `--calib self`: windows of `recipe`'s size and seed, the seconds they took and their text."""
-    from .models.export import load_tokenizer
+    from ..models.export import load_tokenizer
 
     windows, seconds = generate_windows(model, recipe.calib_windows, recipe.calib_seq_len, seed=recipe.seed, ep=ep,
                                         special_tokens=recipe.special_tokens)
@@ -43,8 +43,8 @@ def generate_windows(model_source: str | Path, n: int, seq_len: int, *, seed: in
     """`[n, seq_len]` int64 windows sampled from the float model in one batch, and the seconds taken (export included).
 
     `start_ids` (ids every window starts with) replaces the default start; same seed, same windows."""
-    from .models.export import load_tokenizer
-    from .runtime.session import make_session
+    from ..models.export import load_tokenizer
+    from ..runtime.session import make_session
 
     t0 = time.perf_counter()
     if temperature <= 0 or top_k < 0:
@@ -69,7 +69,7 @@ def generate_windows(model_source: str | Path, n: int, seq_len: int, *, seed: in
 def generation_graph(source: str | Path) -> Path:
     """The graph to sample from: a registry name's or HF folder's with-past export (cached), else the .onnx itself
     or the `<folder>-past/model.onnx` export beside it."""
-    from .models.export import export_onnx
+    from ..models.export import export_onnx
 
     path = Path(str(source))
     onnx_path = path if path.suffix == ".onnx" else path / "model.onnx"
@@ -141,7 +141,7 @@ def make_stepper(session, seq_len: int) -> Callable[[np.ndarray], np.ndarray]:
 
 def _cached_stepper(session) -> Callable[[np.ndarray], np.ndarray]:
     """Stepper over a with-past graph: each present.* output is fed back as past_key_values.*."""
-    from .runtime.session import model_feeds
+    from ..runtime.session import model_feeds
 
     names = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -163,7 +163,7 @@ def _cached_stepper(session) -> Callable[[np.ndarray], np.ndarray]:
 
 def _recompute_stepper(session) -> Callable[[np.ndarray], np.ndarray]:
     """Stepper over a graph without KV cache: each step runs the whole prefix again."""
-    from .runtime.session import model_feeds
+    from ..runtime.session import model_feeds
 
     logits = session.get_outputs()[0].name
     columns: list[np.ndarray] = []

@@ -7,7 +7,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import Tensor
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 _DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attention import AttentionBlock
+from ..analysis.attention import AttentionBlock
 
 
 def _t(x: np.ndarray, device: str) -> torch.Tensor:
@@ -63,7 +63,7 @@ class AttentionStats:
 
     def row_hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H_out of Q per query head, H_out of K per KV head): de-rotated, position-averaged covariances."""
-        from .solvers import derotate_average
+        from ..solvers import derotate_average
 
         a = self.attn
         n_h, n_kv = a.n_heads, a.n_kv_heads

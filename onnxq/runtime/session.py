@@ -95,7 +95,7 @@ def _with_cache_dims(session: ort.InferenceSession, model: onnx.ModelProto | str
     """`session` knowing its KV-cache inputs' head size where the graph leaves it symbolic (onnxruntime-genai's builder
     declares 'kv_cache_dim'), so an empty cache can be fed."""
     if any(i.name.startswith("past_key_values") and not isinstance(i.shape[-1], int) for i in session.get_inputs()):
-        from onnxq.attention import cache_head_dims
+        from onnxq.analysis.attention import cache_head_dims
 
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
         session.onnxq_head_dims = cache_head_dims(proto)

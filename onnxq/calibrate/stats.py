@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 
 class Covariance:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 ROTATION_TAG = "onnxq_rotation"  # in the names of --rotate's online rotation nodes and weights (float, never quantized)
 _BLOCK_RE = re.compile(r"(?:^|[/._])(?:layers|layer|h|blocks|block|decoder_layers)[./_](\d+)(?=[/._]|$)")

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxq.errors import OnnxqError
-from onnxq.io import restore_weights, strip_weights
+from onnxq.graph.io import restore_weights, strip_weights
 
 LINEAR_OPS = ("MatMul", "Gemm")
 _DEDUP_MIN_BYTES = 1024  # smaller 2-D constants are not worth comparing

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 CALIB_YEARS = range(1990, 2017)
 EVAL_YEARS = range(2017, 2022)
@@ -14,12 +14,11 @@ BUILTIN = {"sotu-calib": CALIB_YEARS, "sotu-eval": EVAL_YEARS}
 
 
 def sotu_dir() -> Path:
-    """The vendored speeches: `onnxq/models/data/sotu` when installed, `models/data/sotu` in a checkout."""
-    here = Path(__file__).resolve().parent
-    for root in (here / "models", here.parent / "models"):
-        if (root / "data" / "sotu").is_dir():
-            return root / "data" / "sotu"
-    raise OnnxqError("the vendored SOTU text is missing: reinstall onnxq or give a text file")
+    """The vendored speeches, `onnxq/models/data/sotu`."""
+    path = Path(__file__).resolve().parents[1] / "models" / "data" / "sotu"
+    if not path.is_dir():
+        raise OnnxqError("the vendored SOTU text is missing: reinstall onnxq or give a text file")
+    return path
 
 
 def sotu_files(years: range) -> list[Path]:

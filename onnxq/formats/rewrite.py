@@ -8,10 +8,10 @@ import onnx
 from onnx import TensorProto, defs, helper, numpy_helper, version_converter
 
 from onnxq.errors import OnnxqError
-from onnxq.io import one_line, restore_weights, strip_weights
-from onnxq.packing import pack_nbits, pack_subbyte
+from onnxq.graph.io import one_line, restore_weights, strip_weights
+from onnxq.formats.packing import pack_nbits, pack_subbyte
 
-from .normalize import Names, all_nodes, remove_unused, renamed
+from ..graph.normalize import Names, all_nodes, remove_unused, renamed
 
 MS_DOMAIN = "com.microsoft"
 NBITS_MAX_BLOCK_2BIT = 256  # ORT 1.32 CPU refuses 2-bit MatMulNBits with larger blocks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import OnnxqError
+from ..errors import OnnxqError
 
 FORMATS = ("nbits", "qdq", "gather", "float")
 _ACC_RISK = "accuracy_level=4 quantizes activations to int8: wrong argmax on massive-activation LLMs (onnxruntime#29849); validate, or use 1"

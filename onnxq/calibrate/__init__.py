@@ -1,0 +1,1 @@
+"""Block-by-block calibration with ONNX Runtime: block models, the runner, input statistics, calibration text."""
