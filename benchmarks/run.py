@@ -1,6 +1,6 @@
 """Side-by-side benchmark: onnxq solvers vs ONNX Runtime's quantizer on the same model, text and machine.
 
-    python -m benchmarks.run --suite quick [--update-readme]     # every setting, ORT without GPTQ (hours on 2 cores)
+    python -m benchmarks.run --suite quick [--update-table]      # every setting, ORT without GPTQ (hours on 2 cores)
     python -m benchmarks.run --suite full                         # + all onnxq solvers everywhere, ORT GPTQ (~30 min each)
     python -m benchmarks.run --suite smoke                        # tiny random Llama built in code, seconds (CI)
     python -m benchmarks.run --suite cuda --ep cuda               # on a GPU: the 4/8-bit rows the CUDA EP runs
@@ -10,7 +10,8 @@ Every quantization runs in its own process (`benchmarks.job`: its wall time and 
 refusal becomes the row's error, first line of the exception). Every model is then scored here by the same code:
 perplexity on the same windows (`onnxq.runtime.evaluate.perplexity`), bits per weight with scales and zero points
 (`onnxq.inspect`), file size, and, for suites with latency, prefill/decode speed on the with-past export into which
-the quantized layers are moved (`benchmarks.latency`). Results: benchmarks/results/<date>-<suite>.{md,json,png}.
+the quantized layers are moved (`benchmarks.latency`). Results: benchmarks/results/<date>-<suite>.{md,json,png};
+--update-table also rewrites benchmarks/results/table.md, the full table the top-level README links to.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ OPTIONS: dict[str, dict] = {
     "cuda": dict(latency=LATENCY),
 }
 DEFAULTS = dict(model="smollm2", latency=None, eval_seq=512, eval_windows=8, calib_seq=512, calib_windows=16, variants=[])
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TABLE = Path(__file__).resolve().parent / "results" / "table.md"  # the generated full table the README links to
 QDQ_FUSION = "QDQSelectorActionTransformer"  # ORT's DQ -> MatMul => MatMulNBits rewrite (tests/test_targets.py)
 
 
@@ -446,10 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimate-from", metavar="JSON", help="with --stop-by: an earlier results file whose rows' "
                     "times estimate each row's (quantization time × --quant-repeats + its scoring time)")
     ap.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write <stem>.png")
-    ap.add_argument("--update-readme", action="store_true", help="put the table and plot into README.md")
-    ap.add_argument("--render", metavar="JSON", help="run nothing: rewrite the .md (and .png, README with "
-                    "--update-readme) of an existing results file")
-    ap.add_argument("--readme", default=str(Path(__file__).resolve().parent.parent / "README.md"), help=argparse.SUPPRESS)
+    ap.add_argument("--update-table", "--update-readme", dest="update_table", action="store_true",
+                    help="rewrite benchmarks/results/table.md (the full table the README links to) from this run")
+    ap.add_argument("--render", metavar="JSON", help="run nothing: rewrite the .md (and .png, table.md with "
+                    "--update-table) of an existing results file")
+    ap.add_argument("--table", default=str(TABLE), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     from onnxq.errors import OnnxqError
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --quant-repeats must be >= 1", file=sys.stderr)
         return 2
     if args.render:
-        return render(Path(args.render), plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
+        return render(Path(args.render), plot_it=args.plot, table=Path(args.table) if args.update_table else None)
     try:
         providers_for(args.ep)  # fail here, in one line, before any work
         if args.device == "cuda":
@@ -618,7 +620,7 @@ def _run(args) -> int:
         _print(row)
         write(stem, head, in_order(rows, before, order), extra)
     write(stem, head, in_order(rows, before, order), extra)
-    publish(stem, plot_it=args.plot, readme=Path(args.readme) if args.update_readme else None)
+    publish(stem, plot_it=args.plot, table=Path(args.table) if args.update_table else None)
     if left:
         shown = ", ".join(left[:3]) + (", …" if len(left) > 3 else "")
         print(f"--stop-by {args.stop_by:%Y-%m-%d %H:%M}: {len(left)} row(s) not started ({shown}); finish with the "
@@ -626,8 +628,8 @@ def _run(args) -> int:
     return 0
 
 
-def render(path: Path, *, plot_it: bool, readme: Path | None) -> int:
-    """Rewrite a results file's Markdown (and plot, README section) from its JSON alone."""
+def render(path: Path, *, plot_it: bool, table: Path | None) -> int:
+    """Rewrite a results file's Markdown (and plot, table.md) from its JSON alone."""
     from onnxq.errors import OnnxqError
 
     try:
@@ -638,19 +640,19 @@ def render(path: Path, *, plot_it: bool, readme: Path | None) -> int:
     head, rows, extra = data["header"], data["rows"], data["variants"]
     stem = path.with_suffix("")
     write_markdown(stem, head, rows, extra)
-    publish(stem, plot_it=plot_it, readme=readme)
+    publish(stem, plot_it=plot_it, table=table)
     return 0
 
 
-def publish(stem: Path, *, plot_it: bool, readme: Path | None) -> None:
-    """After the results files: the plot from the JSON, and the README section from the .md's table and the plot."""
+def publish(stem: Path, *, plot_it: bool, table: Path | None) -> None:
+    """After the results files: the plot from the JSON, and table.md from the JSON's rows and the plot."""
     if plot_it:
         from benchmarks.plot import plot
 
         plot(stem.with_suffix(".json"), stem.with_suffix(".png"))
-    if readme:
-        update_readme(readme, stem)
-    print(f"wrote {stem}.md" + (" / .png" if plot_it else "") + (f" and {readme}" if readme else ""))
+    if table:
+        update_table(table, stem)
+    print(f"wrote {stem}.md" + (" / .png" if plot_it else "") + (f" and {table}" if table else ""))
 
 
 def in_order(rows: list[dict], before: dict[str, dict], order: list[str]) -> list[dict]:
@@ -856,24 +858,26 @@ def write_markdown(stem: Path, head: dict, rows: list[dict], extra: list[dict]) 
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def update_readme(readme: Path, stem: Path) -> None:
-    """Replace the text between the README's bench markers with the latest table, its header facts and the plot."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"error: {readme} has no {README_START} … {README_END} section to fill")
+def update_table(path: Path, stem: Path) -> None:
+    """Write `path` (benchmarks/results/table.md) whole: the results file's header facts, its main table, footnotes and
+    plot, with links relative to `path`. Everything in it is generated; the README links to it."""
     data = json.loads(stem.with_suffix(".json").read_text())
     head = data["header"]
-    rel = lambda p: os.path.relpath(p, readme.parent)  # noqa: E731
-    body = [f"`{head['command']}` ({head['date']}; {head['machine']}). Full header, variants and JSON: "
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    body = ["# Full benchmark table", "",
+            "<!-- generated by `python -m benchmarks.run ... --update-table` (or `--render RESULTS.json "
+            "--update-table`): do not edit -->", "",
+            f"`{head['command']}` ({head['date']}; {head['machine']}). Full header, variants and JSON: "
             f"[{stem.name}.md]({rel(stem.with_suffix('.md'))}).", ""]
     body += table(data["rows"])
     notes = footnotes(data["rows"])
     body += [""] + notes if notes else []
     if stem.with_suffix(".png").is_file():
         body += ["", f"![PPL against bits per weight]({rel(stem.with_suffix('.png'))})"]
-    start, end = text.index(README_START) + len(README_START), text.index(README_END)
-    readme.write_text(text[:start] + "\n" + "\n".join(body) + "\n" + text[end:])
-
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(body) + "\n")
+    tmp.replace(path)
 
 if __name__ == "__main__":
     sys.exit(main())

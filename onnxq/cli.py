@@ -68,10 +68,13 @@ def quantize(
     bits: int = typer.Option(_D.bits, help="2, 3, 4 or 8"),
     group: Optional[int] = typer.Option(None, help="group size (power of two >= 16) or -1 for per-channel (default: "
                                         "64 for a folder, 128 for a .onnx file)"),
+    size_mb: Optional[float] = typer.Option(None, "--size-mb", help="size budget in MB (1e6 bytes) for the whole "
+                                            "written model: each decoder layer's bits and group chosen from its measured "
+                                            "sensitivity (about one extra GPTQ pass per candidate format)"),
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt, or "
                               "self (data-free: windows sampled from the float model itself with ONNX Runtime, seeded "
                               "by --seed; the text is written to <report>.calib.txt, else beside the output)"),
-    exclude: Optional[list[str]] = typer.Option(None, help="regex of layers (node name or role) left in float "
+    exclude: Optional[list[str]] = typer.Option(None, rich_help_panel=ADV, help="regex of layers (node name or role) left in float "
                                                 "(default: lm_head for a .onnx file, none for a folder)"),
     target: Optional[str] = typer.Option(
         None, help="execution provider the output must run on (cpu, cuda, web, webgpu, openvino, dml, qnn, webnn, "
@@ -110,6 +113,8 @@ def quantize(
     rotate: bool = typer.Option(_D.rotate, rich_help_panel=ADV, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
                                 "each head's values, and online each MLP down projection's input, before quantizing: same float "
                                 "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; .onnx output only)"),
+    bpw: Optional[float] = typer.Option(None, rich_help_panel=ADV, help="size budget as bits per weight of the decoder "
+                                        "layers (scales and zero points included), instead of --size-mb"),
     damp: float = typer.Option(_D.damp, rich_help_panel=ADV, help="Hessian damping, fraction of mean diagonal"),
     head_bits: int = typer.Option(_D.head_bits, rich_help_panel=ADV, help="folder output: bits of the LM head (GPTQ on its calibrated inputs) and of "
                                   "the tied embedding sharing its data"),

@@ -28,6 +28,10 @@ from .calibrate.stats import Covariance
 from .solve.torch_graph import TorchGraph
 
 
+NODE_BYTES = 480  # graph bytes one MatMul -> MatMulNBits rewrite adds (node, attributes, three or four initializer
+# headers; measured 6.7 KB for 14 layers of the tiny test Llama), for the --size-mb prediction
+
+
 @dataclass
 class QuantReport:
     """What a quantize run did and what it cost."""
@@ -45,6 +49,7 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
     deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
     calib_generation_seconds: float = 0.0  # --calib self: sampling the windows from the float model (in total_seconds)
+    allocation: dict = field(default_factory=dict)  # --size-mb / --bpw: budget, predicted size, formats chosen
     calib_text: str = ""  # --calib self: the sampled windows decoded, for reading (onnxq.calibrate.selfcalib.windows_text)
 
     def to_dict(self) -> dict:
@@ -141,6 +146,13 @@ def quantize(
     head = [l for l in layers if l.block is None and to_folder and not data_free]  # calibrated after the last block
     read = partial(_layer_weight, weights=weights, folder=folder)
     solved = _Solved()
+    if recipe.size_mb is not None or recipe.bpw is not None:  # choose each layer's format under the size budget
+        tc = time.perf_counter()
+        graph = load_model(build / "model.onnx", load_weights=False) if to_folder else proto
+        formats, solved.allocation = _allocate(proto, graph, layers, in_blocks, windows, recipe, read=read, ep=ep,
+                                               folder=folder, progress=progress, packed_qkv=to_folder)
+        recipe = replace(recipe, layer_formats=formats)
+        solved.calib_s += time.perf_counter() - tc
     if in_blocks:
         _blockwise(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder, progress=progress,
                    head=head)
@@ -179,7 +191,79 @@ def quantize(
         deploy=written,
         calib_generation_seconds=round(gen_s, 2),
         calib_text=calib_text,
+        allocation=solved.allocation,
     )
+
+
+def _allocate(proto: onnx.ModelProto, graph: onnx.ModelProto, layers: list[LinearLayer], in_blocks: list[LinearLayer],
+              windows: np.ndarray, recipe: QuantRecipe, *, read, ep: str, folder, progress: bool,
+              packed_qkv: bool) -> tuple[dict[str, list[int]], dict]:
+    """Each decoder layer's [bits, group] under --size-mb / --bpw (sensitivities measured on the float stream, then the
+    knapsack of solve/allocate.py) and what was predicted. `graph` is the one written (its other tensors count against
+    --size-mb); layers one MatMul holds (the genai graph's packed QKV) share a format."""
+    from .graph.io import stored_bytes
+    from .solve.allocate import MB, Candidate, allocate, bpw_budget, candidates, matmulnbits_bytes
+
+    cands = candidates(target=recipe.target)
+    units: dict[tuple, list[LinearLayer]] = {}
+    for l in in_blocks:
+        qkv = packed_qkv and l.role in ("q_proj", "k_proj", "v_proj")
+        units.setdefault((l.block, "qkv") if qkv else (l.node,), []).append(l)
+    external = packed_qkv or any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+    size = lambda ls, c: matmulnbits_bytes(ls[0].k, sum(l.n for l in ls), c, sym=recipe.sym,  # noqa: E731
+                                           float_zero=recipe.float_zero and c.bits < 8, external=external)
+    losses = _sensitivity(proto, in_blocks, windows, recipe, cands, read=read, ep=ep, folder=folder, progress=progress)
+    unit_losses = [{c: sum(losses[l.node][c] for l in ls) for c in cands} for ls in units.values()]
+    unit_sizes = [{c: size(ls, c) for c in cands} for ls in units.values()]  # one MatMul per unit
+    head = recipe.head_recipe() if packed_qkv else recipe  # layers outside the blocks: the head's format in a folder
+    others = [l for l in layers if l.block is None]
+    replaced = ({n.input[1] for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) > 1} if packed_qkv
+                else {l.weight for l in layers})  # a folder quantizes every MatMul of the builder's graph
+    fixed = sum(stored_bytes(_tensor_bytes(t), external, was_external=t.data_location == onnx.TensorProto.EXTERNAL)
+                for t in graph.graph.initializer if t.name not in replaced)
+    fixed += graph.ByteSize() - sum(len(t.raw_data) for t in graph.graph.initializer)  # the graph itself, and
+    fixed += NODE_BYTES * (len(units) + len(others))  # what each MatMulNBits node and its initializer headers add
+    fixed += sum(matmulnbits_bytes(l.k, l.n, Candidate(head.bits, head.group_size), sym=recipe.sym, float_zero=False,
+                                   external=external) for l in others)
+    if recipe.bpw is not None:
+        budget = bpw_budget(recipe.bpw, [(l.k, l.n) for l in in_blocks])
+    else:
+        budget = int(recipe.size_mb * MB) - fixed
+        if budget <= 0:
+            raise OnnxqError(f"--size-mb {recipe.size_mb:g} leaves nothing for the decoder layers: the rest of the model "
+                             f"takes {fixed / MB:.1f} MB; raise the budget")
+    chosen = allocate(unit_losses, unit_sizes, budget)
+    layer_bytes = sum(sizes[c] for sizes, c in zip(unit_sizes, chosen))
+    counts = {str(c): sum(len(ls) for ls, x in zip(units.values(), chosen) if x == c) for c in dict.fromkeys(chosen)}
+    info = {"budget_mb": recipe.size_mb, "bpw": recipe.bpw, "predicted_mb": round((fixed + layer_bytes) / MB, 6),
+            "decoder_layers_mb": round(layer_bytes / MB, 6), "formats": counts}
+    return {l.node: [c.bits, c.group_size] for ls, c in zip(units.values(), chosen) for l in ls}, info
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, whether inline or external (from its type and dims)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _sensitivity(proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe, cands,
+                 *, read, ep: str, folder, progress: bool) -> dict[str, dict]:
+    """Layer node -> {candidate: the GPTQ loss tr(ΔW H ΔWᵀ) it reaches}, H from the float stream, block by block."""
+    from .calibrate.runner import BlockRunner
+    from .solve.allocate import candidate_losses
+
+    runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
+    envs = runner.start([windows[i : i + 4] for i in range(0, len(windows), 4)])
+    losses = {}
+    for b in tqdm(range(len(runner.blocks)), desc="sensitivity", disable=not progress, unit="block"):
+        todo = [l for l in in_blocks if l.block == b]
+        cov = {l.input: Covariance(l.k, device=recipe.device) for l in todo}
+        for cap in runner.run(b, envs, capture=list(cov)):
+            for name, c in cov.items():
+                c.add(cap[name])
+        for l in todo:
+            losses[l.node] = candidate_losses(read(l).to(recipe.device), cov[l.input].hessian(), cands,
+                                              sym=recipe.sym, float_zero=recipe.float_zero, damp=recipe.damp)
+    return losses
 
 
 def _provenance(recipe: QuantRecipe, rotation: str | None, calib, windows: np.ndarray, path) -> dict:
@@ -261,6 +345,7 @@ class _Solved:
     calib_s: float = 0.0
     solve_s: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the run could not do as asked, for the user
+    allocation: dict = field(default_factory=dict)  # --size-mb / --bpw: the budget, the prediction, formats chosen
 
 
 def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:

@@ -48,6 +48,10 @@ class QuantRecipe:
     exclude: list[str] | None = None  # None: ["lm_head"] for a .onnx file, nothing for a generation-ready folder
     head_bits: int = 8  # LM head (and the tied embedding sharing its data) in a generation-ready folder
     head_group: int = 64  # divides the hidden size of common models, so the embedding can share the head's data
+    size_mb: float | None = None  # the written model at most this many MB (1e6 bytes): each decoder layer's format
+    # (bits, group) chosen from its measured sensitivity (onnxq/solve/allocate.py)
+    bpw: float | None = None  # instead: bits per weight over the decoder layers (scales and zero points included)
+    layer_formats: dict[str, list[int]] | None = None  # layer node -> [bits, group]: --size-mb/--bpw's choice, or given
     seed: int = 0
     device: str = "cpu"
     target: str | None = None  # execution provider the output must run on (onnxq/targets.py), checked by validate()
@@ -59,6 +63,11 @@ class QuantRecipe:
         level = self.accuracy_level if self.accuracy_level is not None else (4 if folder else 0)
         group = self.group_size if self.group_size is not None else (64 if folder else 128)
         return replace(self, exclude=list(exclude), accuracy_level=level, group_size=group)
+
+    def format_of(self, node: str) -> tuple[int, int]:
+        """(bits, group size) of one layer: its entry in `layer_formats`, else the recipe's."""
+        bits, group = (self.layer_formats or {}).get(node, (self.bits, self.group_size))
+        return int(bits), int(group)
 
     def head_recipe(self) -> "QuantRecipe":
         """The LM head's recipe: GPTQ on its calibrated input statistics at `head_bits` / `head_group`, integer zero
@@ -111,6 +120,18 @@ class QuantRecipe:
         if self.head_bits not in (4, 8) or self.head_group < 16 or self.head_group & (self.head_group - 1):
             raise OnnxqError(f"LM head {self.head_bits}-bit group {self.head_group} is not supported: use --head-bits 4 or 8 "
                              "and a power-of-two --head-group >= 16")
+        if self.size_mb is not None and self.bpw is not None:
+            raise OnnxqError("--size-mb and --bpw both set a size budget: give one of them")
+        if (self.size_mb is not None and self.size_mb <= 0) or (self.bpw is not None and not 1 < self.bpw <= 16):
+            raise OnnxqError("the size budget must be positive: --size-mb in MB (1e6 bytes), --bpw between 1 and 16")
+        if (self.size_mb is not None or self.bpw is not None) and (self.format != "nbits" or self.algo == "rtn"
+                                                                   and self.grid != "hessian"):
+            raise OnnxqError("a size budget chooses MatMulNBits formats from calibrated sensitivity: use --format nbits "
+                             "and a calibrated --algo (gptq, boa, turboboa)")
+        for node, fmt in (self.layer_formats or {}).items():
+            if len(fmt) != 2 or fmt[0] not in BITS or fmt[1] != -1 and (fmt[1] < 16 or fmt[1] & (fmt[1] - 1)):
+                raise OnnxqError(f"layer_formats[{node!r}] = {fmt}: give [bits, group] with bits in 2, 3, 4, 8 and a "
+                                 "power-of-two group >= 16 or -1")
         if self.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise OnnxqError(f"accuracy_level {self.accuracy_level} is invalid: use 0-4")
         if self.target is not None:

@@ -1,4 +1,4 @@
-"""The benchmark harness on a tiny model (seconds): job processes, scoring, latency with KV cache, plot, README."""
+"""The benchmark harness on a tiny model (seconds): job processes, scoring, latency with KV cache, plot, table.md."""
 from __future__ import annotations
 
 import datetime as dt
@@ -21,21 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One run of the smoke suite, README update included (on a copy of the README)."""
+    """One run of the smoke suite, table.md included (written under the run's own results folder)."""
     tmp = tmp_path_factory.mktemp("bench")
-    readme = tmp / "README.md"
-    shutil.copy(ROOT / "README.md", readme)
-    shutil.copy(readme, tmp / "README.orig.md")
+    table = tmp / "results" / "table.md"
     rc = R.main(["--suite", "smoke", "--out", str(tmp / "results"), "--work", str(tmp / "work"),
-                 "--update-readme", "--readme", str(readme)])
+                 "--update-table", "--table", str(table)])
     assert rc == 0
     (json_path,) = (tmp / "results").glob("*-smoke.json")
-    return tmp, json.loads(json_path.read_text()), json_path, readme
-
-
-def _outside(text: str) -> str:
-    """The README without its benchmark section."""
-    return text[:text.index(R.README_START)] + text[text.index(R.README_END):]
+    return tmp, json.loads(json_path.read_text()), json_path, table
 
 
 def _vm_rss_mb() -> float:
@@ -76,7 +69,7 @@ def test_smoke_rows(smoke):
 
 
 def test_smoke_variants_and_outputs(smoke):
-    tmp, data, json_path, readme = smoke
+    tmp, data, json_path, table = smoke
     forms = [(v["label"], v["form"]) for v in data["variants"]]
     assert forms == [(lbl, f"MatMulNBits, accuracy_level {a}") for lbl in ("onnxq:rtn W4 g32 asym", "ort:default W4 g32 asym")
                      for a in (0, 4)]
@@ -93,10 +86,10 @@ def test_smoke_variants_and_outputs(smoke):
     md = unmarked(json_path.with_suffix(".md").read_text())
     assert "| ort:default W3 g32 asym | failed: AssertionError: Only support 2, 4 or 8 bits quantization |" in md
     assert "| ort:gptq W2 g32 asym | not supported: ORT GPTQ packs" in md
-    text = readme.read_text()
-    section = unmarked(text[text.index(R.README_START):text.index(R.README_END)])
-    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 |" in section and png.name in section
-    assert text.count(R.README_START) == 1 and _outside(text) == _outside((tmp / "README.orig.md").read_text())
+    text = unmarked(table.read_text())
+    assert "| onnxq:rtn W4 g32 asym | MatMulNBits acc 0 |" in text
+    assert f"]({png.name})" in text and f"]({json_path.stem}.md)" in text  # links relative to table.md
+    assert not list(table.parent.glob("*.tmp"))
     # the with-past copies are removed unless --keep
     assert not list((tmp / "work").glob("*-past.onnx"))
 
@@ -371,12 +364,11 @@ def test_render_rewrites_outputs_from_the_json_alone(smoke, tmp_path, capsys):
     tmp, data, json_path, _ = smoke
     copy = tmp_path / json_path.name
     shutil.copy(json_path, copy)
-    readme = tmp_path / "README.md"
-    shutil.copy(tmp / "README.orig.md", readme)
-    assert R.main(["--render", str(copy), "--update-readme", "--readme", str(readme)]) == 0
+    table = tmp_path / "table.md"
+    assert R.main(["--render", str(copy), "--update-table", "--table", str(table)]) == 0
     assert copy.with_suffix(".md").read_text() == json_path.with_suffix(".md").read_text()
     assert copy.with_suffix(".png").stat().st_size > 0
-    assert data["rows"][1]["label"] in readme.read_text()
+    assert data["rows"][1]["label"] in table.read_text()
     copy.write_text("{not json")
     assert R.main(["--render", str(copy)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -458,3 +450,11 @@ def test_stop_by_in_the_past_starts_nothing_and_bad_values_fail_in_one_line(smok
         assert R.main(["--suite", "smoke", *bad, "--work", str(tmp_path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: {bad[0]}") and says in err and "\n" not in err
+
+
+def test_readme_links_the_generated_table():
+    """The full table lives in benchmarks/results/table.md (generated), and the README links to it."""
+    text = (ROOT / "benchmarks" / "results" / "table.md").read_text()
+    assert "do not edit" in text and text.count("| onnxq:turboboa ") >= 7
+    assert "(benchmarks/results/table.md)" in (ROOT / "README.md").read_text()
+    assert R.TABLE == ROOT / "benchmarks" / "results" / "table.md"

@@ -1,8 +1,10 @@
-"""Presets and recipe files: a preset is exactly the README's flags, a recipe file sets fields under command-line
-options, and the written model carries the complete recipe."""
+"""Presets and recipe files: a preset is exactly the flags docs/options.md spells for it, a recipe file sets fields
+under command-line options, and the written model carries the complete recipe."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -13,13 +15,9 @@ from onnxq.errors import OnnxqError
 from onnxq.graph.metadata import read_provenance
 from onnxq.recipe import PRESETS, QuantRecipe, build_recipe, load_recipe_file
 
-README_FLAGS = {  # the README's best measured recipe per bit width, as its commands spell them
-    "w4-best": "--algo turboboa --bits 4 --group 128 --rotate --bias-correction --calib-windows 128",
-    "w3-best": "--algo turboboa --bits 3 --group 128 --rotate --float-zero --bias-correction --up-row-factor "
-               "--calib-windows 128 --refine-codes 2 --true-sequential",
-    "w2-best": "--algo turboboa --bits 2 --group 64 --rotate --float-zero --bias-correction --up-row-factor "
-               "--calib-windows 128 --refine-codes 2 --block-tune 3",
-}
+OPTIONS_DOC = Path(__file__).resolve().parent.parent / "docs" / "options.md"
+# the presets table of docs/options.md, one row per preset: "| `NAME` | `FLAGS` ... |" (wN-best: the best measured recipe)
+DOC_FLAGS = dict(re.findall(r"^\| `([\w-]+)` \| `(--[^`]+)`", OPTIONS_DOC.read_text(), re.M))
 
 
 def recipe_of(monkeypatch, args: list[str]) -> dict:
@@ -36,9 +34,13 @@ def recipe_of(monkeypatch, args: list[str]) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("preset", sorted(README_FLAGS))
-def test_preset_is_the_readme_flags(monkeypatch, preset):
-    assert recipe_of(monkeypatch, ["--preset", preset]) == recipe_of(monkeypatch, README_FLAGS[preset].split())
+def test_options_doc_spells_every_preset():
+    assert set(DOC_FLAGS) == set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_is_the_documented_flags(monkeypatch, preset):
+    assert recipe_of(monkeypatch, ["--preset", preset]) == recipe_of(monkeypatch, DOC_FLAGS[preset].split())
 
 
 def test_options_override_preset_and_file(monkeypatch, tmp_path):

@@ -22,6 +22,13 @@ _MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay inside the .onnx file
 _ALIGN = 4096  # external tensors start on page boundaries (lets ORT memory-map them)
 
 
+def stored_bytes(nbytes: int, external: bool, *, was_external: bool = False) -> int:
+    """Bytes a tensor of `nbytes` takes in a saved model: inline, or padded to a page in the external-data file
+    (where the model goes external: tensors from `_MIN_EXTERNAL_BYTES` up, and any already external in the source)."""
+    outside = external and (was_external or nbytes >= _MIN_EXTERNAL_BYTES)
+    return -(-nbytes // _ALIGN) * _ALIGN if outside else nbytes
+
+
 def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
     """Read an .onnx file; with `load_weights`, external data is read from the file's folder."""
     path = Path(path)

@@ -163,7 +163,8 @@ def loss_hessian(cov: Covariance, recipe: QuantRecipe, device: torch.device) -> 
 def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
     role, att = stats.attention.get(layer.node, (None, None)) if stats else (None, None)
     int_zero = recipe.v_int_zero and (role == "v" or layer.role == "v_proj")
-    spec = QuantSpec(bits=recipe.bits, group_size=recipe.group_size, sym=recipe.sym, float_zero=recipe.float_zero and not int_zero)
+    bits, group = recipe.format_of(layer.node)
+    spec = QuantSpec(bits=bits, group_size=group, sym=recipe.sym, float_zero=recipe.float_zero and not int_zero and bits < 8)
     cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
         return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")
