@@ -1,6 +1,7 @@
 """The quantize job: load → normalize → block-wise calibration on ORT → solve → rewrite → save."""
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -247,10 +248,20 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def _sensitivity(proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe, cands,
                  *, read, ep: str, folder, progress: bool) -> dict[str, dict]:
-    """Layer node -> {candidate: the GPTQ loss tr(ΔW H ΔWᵀ) it reaches}, H from the float stream, block by block."""
+    """Layer node -> {candidate: the GPTQ loss tr(ΔW H ΔWᵀ) it reaches}, H from the float stream, block by block;
+    cached under $ONNXQ_CACHE/sensitivity by everything it depends on, so other budgets reuse it."""
+    import hashlib
+    import pickle
+
     from .calibrate.runner import BlockRunner
+    from .models.registry import cache_dir
     from .solve.allocate import candidate_losses
 
+    key = hashlib.sha256(pickle.dumps((proto.SerializeToString(), windows.tobytes(), windows.shape, cands, recipe.sym,
+                                       recipe.float_zero, recipe.damp, [l.node for l in in_blocks]))).hexdigest()[:24]
+    cached = cache_dir() / "sensitivity" / f"{key}.pkl"
+    if cached.is_file():
+        return pickle.loads(cached.read_bytes())
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
     envs = runner.start([windows[i : i + 4] for i in range(0, len(windows), 4)])
     losses = {}
@@ -263,6 +274,10 @@ def _sensitivity(proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: 
         for l in todo:
             losses[l.node] = candidate_losses(read(l).to(recipe.device), cov[l.input].hessian(), cands,
                                               sym=recipe.sym, float_zero=recipe.float_zero, damp=recipe.damp)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(pickle.dumps(losses))
+    os.replace(tmp, cached)
     return losses
 
 
@@ -365,7 +380,7 @@ def _blockwise(
     batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
     need_fp = recipe.algo == "turboboa" and recipe.error_correction
     attn_by_block: dict[int, list] = {}
-    if recipe.algo in ("boa", "turboboa"):
+    if recipe.algo in ("aespa", "boa", "turboboa"):
         plain = []  # fused attention ops, or one packed QKV projection: no per-head Q/K/V layers to solve
         for a in attention_blocks(proto):
             if a.kind == "unfused" and a.n_heads and a.block is not None:
@@ -551,7 +566,7 @@ def _up_rows(proto: onnx.ModelProto, mlps: list[GatedMlp], stats: BlockStats, re
 
 
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:
-    """`passes.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
+    """`preprocess.rotate` on a weightless proto (R1, R2 and R4): load the weights it rewrites, rotate, put them into
     `folder`'s memory. Returns the rotated proto and what was rotated, in words."""
     from .graph.io import detach_weights, load_tensor_data
     from .preprocess.rotate import head_tensors, is_hadamard_order, residual_plan, rotate_residual

@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .errors import OnnxqError
 
-ALGORITHMS = ("rtn", "gptq", "boa", "turboboa")
+ALGORITHMS = ("rtn", "gptq", "aespa", "boa", "turboboa")
 FORMATS = ("nbits", "qdq")
 BITS = (2, 3, 4, 8)
 GRIDS = ("minmax", "mse", "hessian")
@@ -151,7 +151,7 @@ class QuantRecipe:
         return asdict(self)
 
 
-# Named recipes. fast/balanced/best trade time for accuracy at the default format; the wN-best ones are the README's
+# Named recipes. fast/balanced/best trade time for accuracy at the default format; the wN-best ones are docs/options.md's
 # most accurate measured recipe per bit width on the default model (.onnx output: --rotate is not carried into a
 # generation-ready folder), flag for flag.
 PRESETS: dict[str, dict] = {

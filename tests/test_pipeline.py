@@ -309,3 +309,19 @@ def test_rotate_quantizes_the_with_past_export(tmp_path):
     ref, got = _logits(past, ids), _logits(out, ids)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
     assert sum("onnxq_rotation" in n.name for n in onnx.load(out).graph.node) == 2 + 2 * 5  # R1; R4 per block
+
+
+def test_aespa_end_to_end_descends_from_gptq(llama, tmp_path):
+    """--algo aespa: GPTQ (Hessian grid, act-order) then code descent, so block 0's non-attention layers (same
+    statistics in both runs) end no higher than that GPTQ's loss, V and Q/K under their own objectives; ORT runs it."""
+    reports = {}
+    for algo, grid in (("aespa", None), ("gptq", "hessian")):
+        out = tmp_path / f"{algo}.onnx"
+        reports[algo] = quantize(llama, QuantRecipe(algo=algo, bits=3, group_size=32, grid=grid), out,
+                                 windows=_windows(), progress=False)
+        assert np.isfinite(_logits(out, _windows(2, 16, seed=1))).all()
+    a, g = reports["aespa"].layer_losses, reports["gptq"].layer_losses
+    plain = [k for k in a if "layers.0/" in k and not any(r in k for r in ("q_proj", "k_proj", "v_proj"))]
+    assert len(plain) == 4 and all(a[k] <= g[k] * (1 + 1e-6) for k in plain)
+    assert any(a[k] < g[k] * 0.999 for k in plain)  # the descent moved something
+    assert read_provenance(onnx.load(tmp_path / "aespa.onnx", load_external_data=False))["algorithm"] == "aespa"

@@ -19,7 +19,7 @@ from ..calibrate.attention_stats import AttentionStats
 from ..errors import OnnxqError
 from ..recipe import QuantRecipe
 from ..solvers import (
-    QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_codes, refine_group_scales, solve_boa,
+    QuantResult, QuantSpec, centered_hessian, centered_residual, layer_loss, output_bias, refine_codes, refine_group_scales, solve_aespa, solve_boa,
     solve_gptq, solve_rtn, solve_turboboa,
 )
 from ..calibrate.stats import Covariance
@@ -179,6 +179,8 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
     H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised
     if recipe.algo == "rtn":
         res = solve_rtn(W, spec, grid=recipe.grid, H=H)
+    elif recipe.algo == "aespa":
+        res, H_in, H_out, heads = _aespa(W, H, spec, role, att, recipe)
     elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
         res = _gptq(W, H, spec, recipe, grid=recipe.grid if recipe.algo == "gptq" else "hessian")
     elif coupled:
@@ -212,20 +214,36 @@ def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe
                 dXXt=d_in, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
             )
     if recipe.refine_scales and role != "v" and not coupled:
-        rows = H_out if role in ("q", "k") and recipe.algo in ("boa", "turboboa") else None
+        rows = H_out if role in ("q", "k") and recipe.algo in ("aespa", "boa", "turboboa") else None
         res = refine_group_scales(
             W, H, res, dXXt=dXXt if turbo else None, alpha=recipe.alpha,
             H_out=rows, n_heads=heads if rows is not None else 1,
         )
     if recipe.refine_codes and coupled:  # rows one at a time under a d_ff-row H_out is too slow: each row descends
         res = refine_codes(target, H_in, res, dXXt=d_in, alpha=recipe.alpha, sweeps=recipe.refine_codes)  # on its target
-    elif recipe.refine_codes:  # validate() refuses it for rtn
+    elif recipe.refine_codes and recipe.algo != "aespa":  # rtn: refused by validate(); aespa: its sweeps
         res = refine_codes(W, H_in, res, dXXt=d_in, alpha=recipe.alpha, H_out=H_out, n_heads=heads,
                            sweeps=recipe.refine_codes)
     if recipe.bias_correction:
         fp = mean_fp if turbo else None  # only TurboBoA solves against the float stream
         res = replace(res, bias=output_bias(W, res.qweight, mean, fp, recipe.alpha))
     return res, float(layer_loss(W, res.qweight, H))
+
+
+def _aespa(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, role: str | None, att: AttentionStats | None,
+           recipe: QuantRecipe) -> tuple[QuantResult, torch.Tensor, torch.Tensor | None, int]:
+    """aespa (spec §6) with its refined objectives: Q under E[KᵀK], K under E[QᵀQ] per head, V under the attention-
+    weighted input Hessian per KV head, the rest under E[XXᵀ]; returns the result and the objective it minimised."""
+    H_in, H_out, heads = H, None, 1
+    if role in ("q", "k"):
+        h_q, h_k = att.row_hessians()
+        H_out = (h_q if role == "q" else h_k).to(W.device)
+        heads = att.attn.n_heads if role == "q" else att.attn.n_kv_heads
+    elif role == "v" and att is not None and att.value_hessian()[0] is not None:
+        H_in, heads = att.value_hessian()[0].to(W.device), att.attn.n_kv_heads
+    res = solve_aespa(W, H_in, spec, H_out=H_out, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order,
+                      sweeps=max(recipe.refine_codes, 1))
+    return res, H_in, H_out, heads
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, recipe: QuantRecipe, *, grid: str) -> QuantResult:
