@@ -86,6 +86,19 @@ def exact_twin(folder: Path, out: Path) -> Path:
     return out
 
 
+def start(name: str, args, argv: list[str] | None) -> tuple[Path, object, Path, dict]:
+    """(HF folder, PPL windows, results stem, result header) of a `benchmarks.<name>` run on `args.model`."""
+    from benchmarks.run import machine, versions
+    from onnxq.calibrate.textdata import load_text, token_windows
+    from onnxq.models.export import export_onnx, hf_folder, load_tokenizer
+
+    windows = token_windows(load_tokenizer(export_onnx(args.model)), load_text("sotu-eval"), 512, 8)
+    result = {"command": f"python -m benchmarks.{name} " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
+              "versions": versions(), "windows": [int(x) for x in windows.shape], "rows": []}
+    return hf_folder(args.model), windows, args.out / f"{name}-{dt.date.today().isoformat()}", result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
@@ -94,16 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "deploy-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
-    from benchmarks.run import machine, versions
-    from onnxq.models.export import export_onnx, hf_folder, load_tokenizer
-    from onnxq.calibrate.textdata import load_text, token_windows
-
-    hf = hf_folder(args.model)
-    windows = token_windows(load_tokenizer(export_onnx(args.model)), load_text("sotu-eval"), 512, 8)
-    stem = args.out / f"deploy-{dt.date.today().isoformat()}"
-    result = {"command": "python -m benchmarks.deploy " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
-              "versions": versions(), "windows": [int(x) for x in windows.shape], "rows": []}
+    hf, windows, stem, result = start("deploy", args, argv)
     if args.only and stem.with_suffix(".json").is_file():  # a partial rerun keeps today's other rows
         result["rows"] = json.loads(stem.with_suffix(".json").read_text())["rows"]
     for name, how in ROWS.items():
@@ -134,12 +138,16 @@ def _put(rows: list[dict], row: dict) -> None:
     rows.append(row)
 
 
-def _write(stem: Path, result: dict) -> None:
-    """JSON, Markdown table and PPL-vs-size plot (rewritten after every row, so a stopped run keeps what it measured)."""
+def header(stem: Path, result: dict, title: str) -> list[str]:
+    """Write the JSON; the Markdown's first lines: title, command, machine."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Deployment benchmark ({result['date']})", "", f"`{result['command']}`", "",
-             f"Machine: {result['machine']}.", "",
+    return [f"# {title} ({result['date']})", "", f"`{result['command']}`", "", f"Machine: {result['machine']}.", ""]
+
+
+def _write(stem: Path, result: dict) -> None:
+    """JSON, Markdown table and PPL-vs-size plot (rewritten after every row, so a stopped run keeps what it measured)."""
+    lines = header(stem, result, "Deployment benchmark") + [
              "Every row is a folder onnxruntime-genai loads. PPL: SOTU 2017-2021, first 4096 tokens, 512-token windows, "
              "ORT CPU EP. Size: graph + external data on disk (10^6 bytes). Decode: batch 1, 64 tokens after a 128-token "
              "context, KV cache fed back; prefill: 512 tokens; medians of the repeats [min-max], one ORT loop for all "

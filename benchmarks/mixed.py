@@ -10,13 +10,10 @@ their --size-mb from the builder files measured in the same run. Writes mixed-<d
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import shlex
-import sys
 from pathlib import Path
 
-from benchmarks.deploy import ROOT, ROWS, _put, build
+from benchmarks.deploy import ROOT, ROWS, _put, build, header, start
 
 BUILDER = {"builder int4 g32 (default)": "int4", "builder int4 g32 k_quant_mixed": "k_quant"}
 HEAD4 = ["--head-bits", "4", "--head-group", "32"]
@@ -36,17 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "mixed-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
-    from benchmarks.run import machine, versions
-    from onnxq.calibrate.textdata import load_text, token_windows
-    from onnxq.models.export import export_onnx, hf_folder, load_tokenizer
     from onnxq.runtime.evaluate import file_size, perplexity
 
-    hf = hf_folder(args.model)
-    windows = token_windows(load_tokenizer(export_onnx(args.model)), load_text("sotu-eval"), 512, 8)
-    stem = args.out / f"mixed-{dt.date.today().isoformat()}"
-    result = {"command": "python -m benchmarks.mixed " + shlex.join(sys.argv[1:] if argv is None else argv),
-              "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
-              "versions": versions(), "rows": []}
+    hf, windows, stem, result = start("mixed", args, argv)
     sizes = {}
 
     def run(name: str, how: tuple, folder: Path) -> dict:
@@ -73,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(stem: Path, result: dict) -> None:
     """JSON, Markdown table and the PPL-vs-size plot (rewritten after every row)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Size-budgeted mixed precision ({result['date']})", "", f"`{result['command']}`", "",
-             f"Machine: {result['machine']}.", "",
+    lines = header(stem, result, "Size-budgeted mixed precision") + [
              "Generation-ready folders scored alike: PPL on SOTU 2017-2021 (first 4096 tokens, 512-token windows, ORT "
              "CPU EP); size = graph + external data (10^6 bytes). onnxq rows: TurboBoA (the default solver), W4 g64 "
              "unless stated; `--size-mb` rows take the builder file's size measured above as their budget.", "",

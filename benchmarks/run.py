@@ -101,6 +101,8 @@ SUITES: dict[str, list[dict]] = {
     "quick": _matrix(ONNXQ[:2], ONNXQ[2:], ORT_FAST),
     # full: every onnxq solver at every setting, and ORT's GPTQ (about 30 min per run on SmolLM2, 2 cores)
     "full": _matrix(ONNXQ, [], ORT_FAST + ("gptq",)),
+    # aespa: the layer-wise attention-aware solver beside GPTQ, BoA and TurboBoA, same calibration (issue 32)
+    "aespa": [_onnxq(dict(algo=a), b, g) for b, g in ((4, 128), (3, 128), (2, 64)) for a in ("gptq", "aespa", "boa", "turboboa")],
     # cuda: what the CUDA EP runs (4 and 8 bits), fastest first, for a GPU lease measured in minutes
     "cuda": [_ort("default", 4, 128), _onnxq(dict(algo="rtn"), 4, 128), _onnxq(dict(algo="gptq"), 4, 128),
              _onnxq(dict(algo="turboboa"), 4, 128), _onnxq(dict(algo="gptq"), 4, 128, format="qdq"),

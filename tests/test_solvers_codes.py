@@ -79,3 +79,16 @@ def test_kronecker_and_per_head_hessians_descend(with_dx):
     per_head = lambda r: sum(layer_loss(W[8 * h : 8 * h + 8], r.qweight[8 * h : 8 * h + 8], Hh[h]) for h in range(2))
     losses = [per_head(refine_codes(W, Hh, start, n_heads=2, sweeps=k)) for k in range(3)]
     assert losses[2] <= losses[1] < losses[0]
+
+
+def test_dead_output_row_keeps_its_codes():
+    """A row with H_out[i, i] = 0 has no curvature: its codes stay, the others still descend, all in range."""
+    W, H, X = problem(70, rows=8, n=24)
+    Ho = torch.eye(4, dtype=DT).repeat(2, 1, 1)
+    Ho[1, 2, 2] = 0.0
+    spec = QuantSpec(2, 8, False)
+    start = solve_gptq(W, H, spec, static_groups=True)
+    res = refine_codes(W, H, start, H_out=Ho, n_heads=2, sweeps=2)
+    assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= spec.maxq
+    assert torch.equal(res.codes[6], start.codes[6])  # head 1, row 2
+    assert layer_loss(W, res.qweight, H, Ho, 2) <= layer_loss(W, start.qweight, H, Ho, 2) + 1e-9

@@ -39,7 +39,8 @@ def refine_codes(
             for i in range(C.shape[1]):
                 t, hii = (H_out[:, i : i + 1] @ M)[:, 0], H_out[:, i, i]  # (H_out M)[i]
                 for j in range(n):
-                    step = _code_step(t[:, j], hii * dH[:, j], S[:, i, j], C[:, i, j], live[:, i, j], spec.maxq)
+                    step = _code_step(t[:, j], hii * dH[:, j], S[:, i, j], C[:, i, j], live[:, i, j] & (hii > 0),
+                                      spec.maxq)  # a dead output row (H_out[i, i] = 0) keeps its codes
                     move = step[:, None] * Hb[:, j]
                     M[:, i] -= move
                     t -= hii[:, None] * move
