@@ -160,90 +160,99 @@ def loss_hessian(cov: Covariance, recipe: QuantRecipe, device: torch.device) -> 
     return centered_hessian(H, cov.mean().to(device)) if recipe.bias_correction else H
 
 
+@dataclass
+class LayerProblem:
+    """One layer's objective, tr(H_out ΔW H_in ΔWᵀ) − 2α tr(H_out W residual ΔWᵀ) per head, and what refines it."""
+
+    spec: QuantSpec
+    H: torch.Tensor  # input Hessian of the reported loss (centred under bias correction)
+    H_in: torch.Tensor  # the solver's: H, or V's attention-weighted one per KV head [h, n, n]
+    H_out: torch.Tensor | None  # per head [h, d_h, d_h]; None: rows independent
+    heads: int
+    residual: torch.Tensor | None  # TurboBoA's float-stream term dXXᵀ for this objective, else None
+    dXXt: torch.Tensor | None  # the layer's dXXᵀ (centred under bias correction)
+    mean: torch.Tensor
+    mean_fp: torch.Tensor | None
+    role: str | None  # q, k or v where attention statistics were captured
+    coupled: bool  # TurboBoA --up-row-factor: up_proj's d_ff rows coupled through the MLP, one head
+
+
 def _solve(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[QuantResult, float]:
-    role, att = stats.attention.get(layer.node, (None, None)) if stats else (None, None)
+    """Build the layer problem, run the recipe's solver, refine, add the output bias; data-free RTN without stats."""
+    role = stats.attention.get(layer.node, (None, None))[0] if stats else None
     int_zero = recipe.v_int_zero and (role == "v" or layer.role == "v_proj")
     bits, group = recipe.format_of(layer.node)
     spec = QuantSpec(bits=bits, group_size=group, sym=recipe.sym, float_zero=recipe.float_zero and not int_zero and bits < 8)
     cov = stats.cov.get(layer.input) if stats else None
     if cov is None:
         return solve_rtn(W, spec, grid="mse" if recipe.grid == "hessian" else recipe.grid), float("nan")
-    H = loss_hessian(cov, recipe, W.device)  # the output bias absorbs the mean error: solve on centred statistics
-    dXXt = cov.residual()
-    dXXt = None if dXXt is None else dXXt.to(W.device)
-    mean, mean_fp = cov.mean().to(W.device), cov.mean_fp()
-    if recipe.bias_correction and dXXt is not None and mean_fp is not None:
-        dXXt = centered_residual(dXXt, mean, mean_fp.to(W.device))
-    turbo = recipe.algo == "turboboa"
-    coupled = layer.node in stats.up_rows  # filled for TurboBoA's --up-row-factor only
-    H_in, d_in, H_out, heads = H, dXXt if turbo else None, None, 1  # the objective the solver minimised
-    if recipe.algo == "rtn":
-        res = solve_rtn(W, spec, grid=recipe.grid, H=H)
-    elif recipe.algo == "aespa":
-        res, H_in, H_out, heads = _aespa(W, H, spec, role, att, recipe)
-    elif recipe.algo == "gptq" or (recipe.algo == "boa" and role not in ("q", "k", "v")):
-        res = _gptq(W, H, spec, recipe, grid=recipe.grid if recipe.algo == "gptq" else "hessian")
-    elif coupled:
-        H_out = stats.up_rows[layer.node].to(W.device)  # one head of d_ff rows, grid searched once
-        res, target = solve_turboboa(W, H, H_out, spec, n_heads=1, rows_per_block=UP_ROWS_PER_BLOCK, damp=recipe.damp,
-                                     dXXt=dXXt, alpha=recipe.alpha, refine=False, act_order=recipe.act_order,
-                                     with_target=True)
-    elif role in ("q", "k"):
-        h_q, h_k = att.row_hessians()
-        H_out = (h_q if role == "q" else h_k).to(W.device)
-        heads = att.attn.n_heads if role == "q" else att.attn.n_kv_heads
-        if recipe.algo == "boa":
-            res = solve_boa(W, H, H_out, spec, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order)
-        else:
-            res = solve_turboboa(
-                W, H, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
-                dXXt=dXXt, alpha=recipe.alpha, refine=True, act_order=recipe.act_order,
-            )
-    else:
-        if role == "v" and att is not None:
-            hv, dv = att.value_hessian()
-            if hv is not None:
-                H_in, d_in, heads = hv.to(W.device), (None if dv is None or not turbo else dv.to(W.device)), att.attn.n_kv_heads
-                H_out = stats.v_rows.get(layer.node)
-                H_out = None if H_out is None else H_out.to(W.device)
-        if H_out is not None and not turbo:
-            res = solve_boa(W, H_in, H_out, spec, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order)
-        else:
-            res = solve_turboboa(
-                W, H_in, H_out, spec, n_heads=heads, rows_per_block=recipe.rows_per_block, damp=recipe.damp,
-                dXXt=d_in, alpha=recipe.alpha, refine=turbo, act_order=recipe.act_order,
-            )
-    if recipe.refine_scales and role != "v" and not coupled:
-        rows = H_out if role in ("q", "k") and recipe.algo in ("aespa", "boa", "turboboa") else None
-        res = refine_group_scales(
-            W, H, res, dXXt=dXXt if turbo else None, alpha=recipe.alpha,
-            H_out=rows, n_heads=heads if rows is not None else 1,
-        )
-    if recipe.refine_codes and coupled:  # rows one at a time under a d_ff-row H_out is too slow: each row descends
-        res = refine_codes(target, H_in, res, dXXt=d_in, alpha=recipe.alpha, sweeps=recipe.refine_codes)  # on its target
-    elif recipe.refine_codes and recipe.algo != "aespa":  # rtn: refused by validate(); aespa: its sweeps
-        res = refine_codes(W, H_in, res, dXXt=d_in, alpha=recipe.alpha, H_out=H_out, n_heads=heads,
-                           sweeps=recipe.refine_codes)
+    p = _problem(layer, W.device, cov, stats, recipe, spec)
+    res, target = _run_solver(p, W, recipe)
+    res = _refine(p, W, res, target, recipe)
     if recipe.bias_correction:
-        fp = mean_fp if turbo else None  # only TurboBoA solves against the float stream
-        res = replace(res, bias=output_bias(W, res.qweight, mean, fp, recipe.alpha))
-    return res, float(layer_loss(W, res.qweight, H))
+        fp = p.mean_fp if recipe.algo == "turboboa" else None  # only TurboBoA solves against the float stream
+        res = replace(res, bias=output_bias(W, res.qweight, p.mean, fp, recipe.alpha))
+    return res, float(layer_loss(W, res.qweight, p.H))
 
 
-def _aespa(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, role: str | None, att: AttentionStats | None,
-           recipe: QuantRecipe) -> tuple[QuantResult, torch.Tensor, torch.Tensor | None, int]:
-    """aespa (spec §6) with its refined objectives: Q under E[KᵀK], K under E[QᵀQ] per head, V under the attention-
-    weighted input Hessian per KV head, the rest under E[XXᵀ]; returns the result and the objective it minimised."""
-    H_in, H_out, heads = H, None, 1
-    if role in ("q", "k"):
+def _problem(layer: LinearLayer, dev: torch.device, cov: Covariance, stats: BlockStats, recipe: QuantRecipe,
+             spec: QuantSpec) -> LayerProblem:
+    """The objective of `layer` for the recipe's solver from the block's statistics."""
+    role, att = stats.attention.get(layer.node, (None, None))
+    H = loss_hessian(cov, recipe, dev)  # the output bias absorbs the mean error: solve on centred statistics
+    dXXt = None if cov.residual() is None else cov.residual().to(dev)
+    mean, mean_fp = cov.mean().to(dev), cov.mean_fp()
+    if recipe.bias_correction and dXXt is not None and mean_fp is not None:
+        dXXt = centered_residual(dXXt, mean, mean_fp.to(dev))
+    turbo = recipe.algo == "turboboa"
+    p = LayerProblem(spec, H, H, None, 1, dXXt if turbo else None, dXXt, mean, mean_fp, role, layer.node in stats.up_rows)
+    attention = recipe.algo in ("aespa", "boa", "turboboa") and att is not None
+    if p.coupled:
+        p.H_out = stats.up_rows[layer.node].to(dev)  # one head of d_ff rows
+    elif attention and role in ("q", "k"):
         h_q, h_k = att.row_hessians()
-        H_out = (h_q if role == "q" else h_k).to(W.device)
-        heads = att.attn.n_heads if role == "q" else att.attn.n_kv_heads
-    elif role == "v" and att is not None and att.value_hessian()[0] is not None:
-        H_in, heads = att.value_hessian()[0].to(W.device), att.attn.n_kv_heads
-    res = solve_aespa(W, H_in, spec, H_out=H_out, n_heads=heads, damp=recipe.damp, act_order=recipe.act_order,
-                      sweeps=max(recipe.refine_codes, 1))
-    return res, H_in, H_out, heads
+        p.H_out, p.heads = (h_q.to(dev), att.attn.n_heads) if role == "q" else (h_k.to(dev), att.attn.n_kv_heads)
+    elif attention and role == "v" and att.value_hessian()[0] is not None:
+        hv, dv = att.value_hessian()
+        p.H_in, p.heads = hv.to(dev), att.attn.n_kv_heads
+        p.residual = dv.to(dev) if dv is not None and turbo else None
+        rows = stats.v_rows.get(layer.node)  # --v-row-factor (BoA, TurboBoA)
+        p.H_out = None if rows is None else rows.to(dev)
+    return p
+
+
+def _run_solver(p: LayerProblem, W: torch.Tensor, recipe: QuantRecipe) -> tuple[QuantResult, torch.Tensor | None]:
+    """The recipe's solver on `p`: its result, and the up_proj rows' targets where they were coupled."""
+    algo, r = recipe.algo, recipe
+    if algo == "rtn":
+        return solve_rtn(W, p.spec, grid=r.grid, H=p.H), None
+    if algo == "aespa":  # spec §6: GPTQ, then code descent on the refined objective
+        return solve_aespa(W, p.H_in, p.spec, H_out=p.H_out, n_heads=p.heads, damp=r.damp, act_order=r.act_order,
+                           sweeps=max(r.refine_codes, 1)), None
+    if algo == "gptq" or (algo == "boa" and p.role not in ("q", "k", "v")):
+        return _gptq(W, p.H, p.spec, r, grid=r.grid if algo == "gptq" else "hessian"), None
+    if p.coupled:  # grid searched once for the d_ff rows
+        return solve_turboboa(W, p.H, p.H_out, p.spec, n_heads=1, rows_per_block=UP_ROWS_PER_BLOCK, damp=r.damp,
+                              dXXt=p.residual, alpha=r.alpha, refine=False, act_order=r.act_order, with_target=True)
+    if algo == "boa" and p.H_out is not None:
+        return solve_boa(W, p.H_in, p.H_out, p.spec, n_heads=p.heads, damp=r.damp, act_order=r.act_order), None
+    return solve_turboboa(W, p.H_in, p.H_out, p.spec, n_heads=p.heads, rows_per_block=r.rows_per_block, damp=r.damp,
+                          dXXt=p.residual, alpha=r.alpha, refine=algo == "turboboa", act_order=r.act_order), None
+
+
+def _refine(p: LayerProblem, W: torch.Tensor, res: QuantResult, target: torch.Tensor | None,
+            recipe: QuantRecipe) -> QuantResult:
+    """--refine-scales (gso stage 2) and --refine-codes (code descent) on the problem's own objective."""
+    if recipe.refine_scales and p.role != "v" and not p.coupled:
+        rows = p.H_out if p.role in ("q", "k") and recipe.algo in ("aespa", "boa", "turboboa") else None
+        res = refine_group_scales(W, p.H, res, dXXt=p.dXXt if recipe.algo == "turboboa" else None, alpha=recipe.alpha,
+                                  H_out=rows, n_heads=p.heads if rows is not None else 1)
+    if recipe.refine_codes and p.coupled:  # rows one at a time under a d_ff-row H_out is too slow: each row descends
+        res = refine_codes(target, p.H_in, res, dXXt=p.residual, alpha=recipe.alpha, sweeps=recipe.refine_codes)
+    elif recipe.refine_codes and recipe.algo != "aespa":  # rtn: refused by validate(); aespa: its own sweeps
+        res = refine_codes(W, p.H_in, res, dXXt=p.residual, alpha=recipe.alpha, H_out=p.H_out, n_heads=p.heads,
+                           sweeps=recipe.refine_codes)
+    return res
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, recipe: QuantRecipe, *, grid: str) -> QuantResult:
