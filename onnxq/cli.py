@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -51,8 +52,92 @@ ADV = "Advanced (research options; presets and recipe files set them too)"
 _NOT_RECIPE = {"model", "output", "preset", "recipe", "calib", "ep", "eval", "report"}
 
 
+# The Advanced help panel: (name, type, default, flag declarations, help); recipe fields default to QuantRecipe's.
+ADVANCED = [
+    ("exclude", Optional[list[str]], None, (),
+     "regex of layers (node name or role) left in float (default: lm_head for a .onnx file, none for a folder)"),
+    ("sym", bool, _D.sym, ("--sym/--asym",),
+     "symmetric or asymmetric (zero points) grid"),
+    ("float_zero", bool, _D.float_zero, ("--float-zero/--int-zero",),
+     "asymmetric MatMulNBits with float zero points: each group's grid spans its exact min-max range (2-4 bits; "
+     "+32 bits per group instead of +bits)"),
+    ("v_int_zero", bool, _D.v_int_zero, (),
+     "with --float-zero: attention value projections keep integer zero points (measured better on SmolLM2 with"
+     " the default calibration)"),
+    ("format", str, _D.format, (),
+     "nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
+    ("grid", Optional[str], None, (),
+     "scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
+    ("calib_windows", int, _D.calib_windows, (),
+     "number of calibration windows (x seq-len tokens)"),
+    ("calib_seq_len", int, _D.calib_seq_len, (),
+     "tokens per calibration window"),
+    ("special_tokens", bool, _D.special_tokens, ("--special-tokens/--no-special-tokens",),
+     "start each calibration and --eval window with the prefix (e.g. BOS) the tokenizer adds for normal use"),
+    ("act_order", Optional[bool], None, ("--act-order/--no-act-order",),
+     "process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups "
+     "keep the layout"),
+    ("refine_scales", bool, _D.refine_scales, (),
+     "two-stage group-scale optimisation (gso stage 2)"),
+    ("refine_codes", int, _D.refine_codes, (),
+     "sweeps of coordinate descent on the integer codes after the solve (grids fixed; each sweep never raises "
+     "the layer objective)"),
+    ("block_tune", int, _D.block_tune, (),
+     "epochs of Adam on each block's group scales (and float zero points), codes fixed, so the quantized "
+     "block's output matches the float block's on the calibration inputs"),
+    ("block_tune_alpha", float, _D.block_tune_alpha, (),
+     "weight of the float model's block output (float inputs) in the --block-tune target; the rest is the "
+     "float block on the quantized inputs"),
+    ("v_row_factor", bool, _D.v_row_factor, (),
+     "boa/turboboa: weight V's output rows by W_O (BoA's row factor W_O,hᵀW_O,h) instead of treating them as "
+     "independent"),
+    ("up_row_factor", bool, _D.up_row_factor, (),
+     "turboboa: couple each gated MLP's up_proj rows through the down projection, row Hessian (J Jᵀ) ⊙ E[a aᵀ]"
+     " (a = act(gate), J = product to output)"),
+    ("true_sequential", bool, _D.true_sequential, (),
+     "re-capture each layer group's inputs after the block's earlier layers are quantized (more calibration "
+     "passes)"),
+    ("bias_correction", bool, _D.bias_correction, (),
+     "solve on centred activation statistics and add the output bias that removes each layer's mean error"),
+    ("rotate", bool, _D.rotate, (),
+     "rotate the residual stream (random Hadamard, RMSNorm scales folded) and each head's values, and online "
+     "each MLP down projection's input, before quantizing: same float function, fewer weight outliers "
+     "(pre-RMSNorm decoders only; adds small float MatMuls; .onnx output only)"),
+    ("bpw", Optional[float], None, (),
+     "size budget as bits per weight of the decoder layers (scales and zero points included), instead of "
+     "--size-mb"),
+    ("damp", float, _D.damp, (),
+     "Hessian damping, fraction of mean diagonal"),
+    ("head_bits", int, _D.head_bits, (),
+     "folder output: bits of the LM head (GPTQ on its calibrated inputs) and of the tied embedding sharing its"
+     " data"),
+    ("head_group", int, _D.head_group, (),
+     "folder output: group size of the LM head / embedding"),
+    ("accuracy_level", Optional[int], None, (),
+     "MatMulNBits accuracy_level: 0 exact, 4 = int8 activations (faster on CPU; default 4 for a folder, 0 for "
+     "a .onnx file)"),
+    ("device", str, _D.device, (),
+     "torch device for solvers: cpu or cuda"),
+    ("ep", str, "cpu", (),
+     "ORT execution provider for calibration"),
+    ("seed", int, _D.seed, (),
+     "seed for calibration window sampling"),
+]
+
+
+def _with_advanced(fn):
+    """`fn`, whose `**advanced` takes the ADVANCED options, with them in its signature (keyword-only, Advanced panel)."""
+    sig = inspect.signature(fn)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                               default=typer.Option(default, *flags, rich_help_panel=ADV, help=text))
+             for name, kind, default, flags, text in ADVANCED]
+    fn.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD] + extra)
+    return fn
+
+
 @app.command()
 @_guarded
+@_with_advanced
 def quantize(
     ctx: typer.Context,
     model: str = typer.Argument(..., help=".onnx file, Hugging Face folder, or registry name (smollm2)"),
@@ -74,56 +159,12 @@ def quantize(
     calib: str = typer.Option("sotu-calib", help="calibration text: sotu-calib, a .txt file or a folder of .txt, or "
                               "self (data-free: windows sampled from the float model itself with ONNX Runtime, seeded "
                               "by --seed; the text is written to <report>.calib.txt, else beside the output)"),
-    exclude: Optional[list[str]] = typer.Option(None, rich_help_panel=ADV, help="regex of layers (node name or role) left in float "
-                                                "(default: lm_head for a .onnx file, none for a folder)"),
     target: Optional[str] = typer.Option(
         None, help="execution provider the output must run on (cpu, cuda, web, webgpu, openvino, dml, qnn, webnn, "
         "tensorrt): format, group and accuracy_level default to what it runs; combinations it cannot run are refused"),
     eval: bool = typer.Option(False, "--eval", help="evaluate float vs quantized afterwards and print the table"),
     report: Optional[Path] = typer.Option(None, help="write the report as <report>.json and <report>.md"),
-    sym: bool = typer.Option(_D.sym, "--sym/--asym", rich_help_panel=ADV, help="symmetric or asymmetric (zero points) grid"),
-    float_zero: bool = typer.Option(_D.float_zero, "--float-zero/--int-zero", rich_help_panel=ADV,
-                                    help="asymmetric MatMulNBits with float zero points: each group's grid spans its "
-                                    "exact [min, max] (2-4 bits; +32 bits per group instead of +bits)"),
-    v_int_zero: bool = typer.Option(_D.v_int_zero, rich_help_panel=ADV, help="with --float-zero: attention value "
-                                    "projections keep integer zero points (measured better on SmolLM2 with the default calibration)"),
-    format: str = typer.Option(_D.format, rich_help_panel=ADV, help="nbits (com.microsoft MatMulNBits) or qdq (DequantizeLinear + MatMul)"),
-    grid: Optional[str] = typer.Option(None, rich_help_panel=ADV, help="scale search: minmax, mse or hessian (default: rtn minmax, gptq mse, boa/turboboa hessian)"),
-    calib_windows: int = typer.Option(_D.calib_windows, rich_help_panel=ADV, help="number of calibration windows (x seq-len tokens)"),
-    calib_seq_len: int = typer.Option(_D.calib_seq_len, rich_help_panel=ADV, help="tokens per calibration window"),
-    special_tokens: bool = typer.Option(_D.special_tokens, "--special-tokens/--no-special-tokens", rich_help_panel=ADV,
-                                        help="start each calibration and --eval window with the prefix (e.g. BOS) the "
-                                        "tokenizer adds for normal use"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", rich_help_panel=ADV, help="process columns (and BoA/TurboBoA rows) by Hessian diagonal (default: on except for rtn); static groups keep the layout"),
-    refine_scales: bool = typer.Option(_D.refine_scales, rich_help_panel=ADV, help="two-stage group-scale optimisation (gso stage 2)"),
-    refine_codes: int = typer.Option(_D.refine_codes, rich_help_panel=ADV, help="sweeps of coordinate descent on the integer codes after the solve "
-                                     "(grids fixed; each sweep never raises the layer objective)"),
-    block_tune: int = typer.Option(_D.block_tune, rich_help_panel=ADV, help="epochs of Adam on each block's group scales (and float zero points), codes "
-                                   "fixed, so the quantized block's output matches the float block's on the calibration inputs"),
-    block_tune_alpha: float = typer.Option(_D.block_tune_alpha, rich_help_panel=ADV, help="weight of the float model's block output (float inputs) in the "
-                                         "--block-tune target; the rest is the float block on the quantized inputs"),
-    v_row_factor: bool = typer.Option(_D.v_row_factor, rich_help_panel=ADV, help="boa/turboboa: weight V's output rows by W_O (BoA's row factor "
-                                      "W_O,hᵀW_O,h) instead of treating them as independent"),
-    up_row_factor: bool = typer.Option(_D.up_row_factor, rich_help_panel=ADV, help="turboboa: couple each gated MLP's up_proj rows through the down "
-                                       "projection, row Hessian (J Jᵀ) ⊙ E[a aᵀ] (a = act(gate), J = product to output)"),
-    true_sequential: bool = typer.Option(_D.true_sequential, rich_help_panel=ADV, help="re-capture each layer group's inputs after the block's earlier "
-                                         "layers are quantized (more calibration passes)"),
-    bias_correction: bool = typer.Option(_D.bias_correction, rich_help_panel=ADV, help="solve on centred activation statistics and add the output bias "
-                                         "that removes each layer's mean error"),
-    rotate: bool = typer.Option(_D.rotate, rich_help_panel=ADV, help="rotate the residual stream (random Hadamard, RMSNorm scales folded) and "
-                                "each head's values, and online each MLP down projection's input, before quantizing: same float "
-                                "function, fewer weight outliers (pre-RMSNorm decoders only; adds small float MatMuls; .onnx output only)"),
-    bpw: Optional[float] = typer.Option(None, rich_help_panel=ADV, help="size budget as bits per weight of the decoder "
-                                        "layers (scales and zero points included), instead of --size-mb"),
-    damp: float = typer.Option(_D.damp, rich_help_panel=ADV, help="Hessian damping, fraction of mean diagonal"),
-    head_bits: int = typer.Option(_D.head_bits, rich_help_panel=ADV, help="folder output: bits of the LM head (GPTQ on its calibrated inputs) and of "
-                                  "the tied embedding sharing its data"),
-    head_group: int = typer.Option(_D.head_group, rich_help_panel=ADV, help="folder output: group size of the LM head / embedding"),
-    accuracy_level: Optional[int] = typer.Option(None, rich_help_panel=ADV, help="MatMulNBits accuracy_level: 0 exact, 4 = int8 activations "
-                                                 "(faster on CPU; default 4 for a folder, 0 for a .onnx file)"),
-    device: str = typer.Option(_D.device, rich_help_panel=ADV, help="torch device for solvers: cpu or cuda"),
-    ep: str = typer.Option("cpu", rich_help_panel=ADV, help="ORT execution provider for calibration"),
-    seed: int = typer.Option(_D.seed, rich_help_panel=ADV, help="seed for calibration window sampling"),
+    **advanced,
 ) -> None:
     """Quantize the linear layers of a model and write a generation-ready folder, MatMulNBits or QDQ."""
     from .graph.io import check_output_path
@@ -148,7 +189,7 @@ def quantize(
                       f"accuracy_level {quant.accuracy_level}")
         for warning in advise(quant.target, quant.bits, quant.format, quant.group_size, accuracy_level=quant.accuracy_level):
             console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
-    qrep = run_quantize(model, quant, output, calib=calib, ep=ep)
+    qrep = run_quantize(model, quant, output, calib=calib, ep=advanced["ep"])
     console.print(
         f"wrote {qrep.output}: {qrep.layers} layers, {qrep.calib_tokens} calibration tokens, "
         f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
@@ -172,7 +213,7 @@ def quantize(
     if eval or report:
         from .report import evaluate
 
-        erep = evaluate(qrep.model, qrep.output, ep=ep, special_tokens=quant.special_tokens)
+        erep = evaluate(qrep.model, qrep.output, ep=advanced["ep"], special_tokens=quant.special_tokens)
         erep.quantize = {k: v for k, v in qrep.to_dict().items() if k not in ("layer_losses", "calib_text")}
         print(erep.markdown())
         if report:
