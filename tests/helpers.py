@@ -1,14 +1,17 @@
-"""Helpers shared by test files: quantized weights read back, fake-quant references, model outputs compared."""
+"""Helpers shared by test files: quantized weights read back and made up, fake-quant references, model outputs
+compared."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from onnxq.graph.io import read_array
 from onnxq.formats.packing import unpack_nbits
+from onnxq.formats.rewrite import QuantizedWeight
 from onnxq.runtime.session import make_session, model_feeds
 
 
@@ -55,3 +58,41 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two arrays, flattened."""
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def random_weight(n, k, bits, group, sym, rng) -> QuantizedWeight:
+    """Codes over the whole range [0, 2^bits - 1], random scales and zero points."""
+    groups = 1 if group == -1 else -(-k // group)
+    zeros = None if sym else rng.integers(0, 1 << bits, (n, groups))
+    scales = (rng.random((n, groups)) * 0.1 + 0.01).astype(np.float32)
+    return QuantizedWeight(rng.integers(0, 1 << bits, (n, k)), scales, zeros, bits, group)
+
+
+_FEEDS_RNG = np.random.default_rng(0)  # one stream for the whole session, as check_same_outputs always drew
+
+
+def _feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Inputs for a tiny model: token ids < 32, all-ones mask, arange positions, zero token types, random floats."""
+    out = {}
+    for i in ort.InferenceSession(model.SerializeToString()).get_inputs():
+        shape = [d if isinstance(d, int) else {0: 2}.get(n, 7) for n, d in enumerate(i.shape)]
+        if i.type != "tensor(int64)":
+            out[i.name] = _FEEDS_RNG.standard_normal(shape).astype(np.float32)
+        elif i.name == "position_ids":
+            out[i.name] = np.broadcast_to(np.arange(shape[1]), shape).copy()
+        else:
+            out[i.name] = {"attention_mask": np.ones(shape, np.int64), "token_type_ids": np.zeros(shape, np.int64)}.get(
+                i.name, _FEEDS_RNG.integers(0, 32, shape))
+    return out
+
+
+def _run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of one CPU ORT run of an in-memory model."""
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+def check_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """Both in-memory models give the same outputs (max error <= 1e-5 of the largest) on the same random inputs."""
+    inputs = _feeds(before)
+    for ref, got in zip(_run(before, inputs), _run(after, inputs)):
+        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()

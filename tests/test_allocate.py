@@ -12,7 +12,7 @@ from onnxq.solve.allocate import (
     CANDIDATES, Candidate, allocate, bits_per_weight, bpw_budget, candidate_losses, candidates, layer_sizes,
     matmulnbits_bytes,
 )
-from tests.test_solvers_gptq import problem
+from tests.problems import problem
 from tests.tiny import matmul_model
 
 ZERO_KINDS = {"sym": (True, False), "int": (False, False), "float": (False, True)}  # -> (sym, float_zero)

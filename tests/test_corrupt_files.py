@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from onnxq.cli import app
 from onnxq.graph.io import save_model_atomic
-from tests.test_reliability import CALIB, save, small
-from tests.tiny import matmul_model
+from tests.tiny import CALIB, matmul_model, save, small
 
 runner = CliRunner()
 SHORT = ["--tokens", "32", "--seq-len", "16"]

@@ -11,7 +11,7 @@ from onnxq.graph.normalize import dedupe_weights, duplicate_candidates, normaliz
 from onnxq.pipeline import quantize
 from onnxq.runtime.evaluate import file_size
 from onnxq.runtime.session import make_session, model_feeds
-from tests.test_normalize import check_same_outputs
+from tests.helpers import check_same_outputs
 from tests.tiny import matmul_model, tied_embedding_model, tiny_llama_onnx
 
 from onnxq.graph import normalize as NORMALIZE

@@ -18,8 +18,7 @@ from onnxq.cli import app
 from onnxq.pipeline import quantize
 from onnxq.runtime import edge
 from onnxq.runtime.session import make_session, model_feeds
-from tests.test_target_quantize import byte_tokenizer
-from tests.tiny import tiny_llama_onnx
+from tests.tiny import tiny_llama_onnx, write_byte_tokenizer
 
 IN_CI = bool(os.environ.get("CI"))
 PROMPT = np.random.default_rng(7).integers(0, 256, size=(1, 16))
@@ -38,7 +37,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """float, and RTN W4 g32 as MatMulNBits (accuracy_level 0 and 4), W4 g32 QDQ, W8 g32 MatMulNBits."""
     root = tmp_path_factory.mktemp("edge")
     float_path = tiny_llama_onnx(root, layers=2, hidden=64, heads=4, kv_heads=2)
-    byte_tokenizer(float_path.parent)
+    write_byte_tokenizer(float_path.parent)
     windows = np.random.default_rng(0).integers(0, 256, size=(8, 32)).astype(np.int64)
     out = {"float": float_path}
     for name, recipe in {

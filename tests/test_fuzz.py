@@ -17,7 +17,7 @@ from onnxq.analysis.layers import linear_layers, partition
 from onnxq.analysis.attention import attention_blocks
 from onnxq.inspect import inspect_model
 from onnxq.pipeline import quantize
-from tests.test_large_model import decoder_model
+from tests.tiny import decoder_model
 
 VOCAB = 32
 _DTYPES = [TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.INT64, TensorProto.INT8, TensorProto.BOOL,

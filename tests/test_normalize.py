@@ -1,50 +1,23 @@
 """normalize: every linear layer becomes MatMul(X, initializer W[K, N]) and the model computes the same."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
 from onnxq.errors import OnnxqError
 from onnxq.graph.io import load_model, save_model_atomic
 from onnxq.graph.normalize import normalize
+from tests.helpers import check_same_outputs
 from tests.tiny import (
     constant_weight_model, gemm_model, matmul_model, tied_embedding_model, tiny_bert_onnx, tiny_gpt2_onnx,
     tiny_llama_onnx, transpose_weight_model,
 )
-
-RNG = np.random.default_rng(0)
-
-
-def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Inputs for a tiny model: token ids < 32, all-ones mask, arange positions, zero token types, random floats."""
-    out = {}
-    for i in ort.InferenceSession(model.SerializeToString()).get_inputs():
-        shape = [d if isinstance(d, int) else {0: 2}.get(n, 7) for n, d in enumerate(i.shape)]
-        if i.type != "tensor(int64)":
-            out[i.name] = RNG.standard_normal(shape).astype(np.float32)
-        elif i.name == "position_ids":
-            out[i.name] = np.broadcast_to(np.arange(shape[1]), shape).copy()
-        else:
-            out[i.name] = {"attention_mask": np.ones(shape, np.int64), "token_type_ids": np.zeros(shape, np.int64)}.get(
-                i.name, RNG.integers(0, 32, shape))
-    return out
-
-
-def run(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
 
 
 def linear_weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """MatMul node name -> shape of its initializer weight, for MatMuls fed by an initializer."""
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     return {n.name: inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-
-
-def check_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
-    inputs = feeds(before)
-    for ref, got in zip(run(before, inputs), run(after, inputs)):
-        assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def exported(kind, tmp_path):

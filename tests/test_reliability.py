@@ -20,35 +20,10 @@ from onnxq import OnnxqError, QuantRecipe
 from onnxq.cli import app
 from onnxq.pipeline import quantize
 from onnxq.solvers import QuantSpec, factor, solve_gptq
-from tests.test_large_model import decoder_model, windows
+from tests.tiny import CALIB, decoder_model, save, small, windows, write_byte_tokenizer
 
 VOCAB = 256
 runner = CliRunner()
-CALIB = ["--calib-windows", "2", "--calib-seq-len", "16", "--group", "32"]
-
-
-def byte_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer without merges (token id = byte, 256 ids) saved as folder/tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
-
-
-def save(model: onnx.ModelProto, folder: Path, *, external: bool = False) -> Path:
-    """`model` as folder/model.onnx (optionally with all weights in model.onnx.data) next to a byte tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    kw = dict(save_as_external_data=True, location="model.onnx.data", size_threshold=0) if external else {}
-    onnx.save_model(model, folder / "model.onnx", **kw)
-    byte_tokenizer(folder)
-    return folder / "model.onnx"
-
-
-def small(**kw) -> onnx.ModelProto:
-    return decoder_model(layers=2, hidden=32, heads=4, intermediate=64, vocab=VOCAB, **kw)
 
 
 def with_weight(model: onnx.ModelProto, name: str, edit) -> onnx.ModelProto:
@@ -208,7 +183,7 @@ def test_output_would_overwrite_the_input_data(tmp_path, text):
     folder = tmp_path / "m"
     folder.mkdir()
     onnx.save_model(small(), folder / "a.onnx", save_as_external_data=True, location="b.onnx.data", size_threshold=0)
-    byte_tokenizer(folder)
+    write_byte_tokenizer(folder)
     before = (folder / "b.onnx.data").read_bytes()
     cli_error(["quantize", folder / "a.onnx", "-o", folder / "b.onnx", "--calib", text, *CALIB], "external data", folder)
     assert (folder / "b.onnx.data").read_bytes() == before and not (folder / "b.onnx").exists()

@@ -11,19 +11,12 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.errors import OnnxqError
 from onnxq.formats import rewrite
 from onnxq.formats.rewrite import QuantizedWeight, to_matmulnbits, to_qdq
+from tests.helpers import random_weight
 from tests.tiny import matmul_model, tiny_llama, tiny_llama_onnx
 
 BITS = [2, 3, 4, 8]
 GROUPS = [16, 32, 128, -1]
 LLAMA = dict(hidden=80, intermediate=144)  # K = 80 and 144: ragged for groups 32 and 128 (like 576 = 4.5 x 128)
-
-
-def random_weight(n, k, bits, group, sym, rng) -> QuantizedWeight:
-    """Codes over the whole range [0, 2^bits - 1], random scales and zero points."""
-    groups = 1 if group == -1 else -(-k // group)
-    zeros = None if sym else rng.integers(0, 1 << bits, (n, groups))
-    scales = (rng.random((n, groups)) * 0.1 + 0.01).astype(np.float32)
-    return QuantizedWeight(rng.integers(0, 1 << bits, (n, k)), scales, zeros, bits, group)
 
 
 def rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> QuantizedWeight:

@@ -5,9 +5,7 @@ import pytest
 import torch
 
 from onnxq.solvers import QuantSpec, layer_loss, refine_codes, solve_aespa, solve_gptq
-from tests.test_solvers_boa import attn_problem
-from tests.test_solvers_gptq import problem
-from tests.test_solvers_grid import check_result
+from tests.problems import attn_problem, check_result, problem
 
 DT = torch.float64
 

@@ -3,18 +3,9 @@ import pytest
 import torch
 
 from onnxq.solvers import QuantSpec, derotate_average, gqa_average, gqa_replicate, layer_loss, solve_boa, solve_gptq
-from tests.test_solvers_grid import check_result
+from tests.problems import attn_problem, check_result
 
 DT = torch.float64
-
-
-def attn_problem(seed, h=4, d=8, n=32, tokens=300):
-    """W [h*d, n], a correlated H_in [n, n] and a strongly non-diagonal per-head H_out [h, d, d]."""
-    g = torch.Generator().manual_seed(seed)
-    X = (torch.randn(n, n, generator=g, dtype=DT) * 0.5 + torch.eye(n, dtype=DT)) @ torch.randn(n, tokens, generator=g, dtype=DT)
-    A = torch.randn(h, d, d, generator=g, dtype=DT) + 1.5 * torch.randn(h, 1, d, generator=g, dtype=DT)
-    K = torch.randn(h, tokens, d, generator=g, dtype=DT) @ A
-    return torch.randn(h * d, n, generator=g, dtype=DT), X @ X.T / tokens, K.mT @ K / tokens
 
 
 def rope(x, cos, sin):

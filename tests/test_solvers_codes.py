@@ -6,8 +6,7 @@ import torch
 
 from onnxq.solvers import QuantSpec, layer_loss, refine_codes, solve_gptq, solve_rtn, solve_turboboa
 from onnxq.solvers.grid import make_result
-from tests.test_solvers_gptq import problem
-from tests.test_solvers_gso import asym_objective, descends
+from tests.problems import asym_objective, descends, problem
 
 DT = torch.float64
 

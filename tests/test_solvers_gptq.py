@@ -9,17 +9,9 @@ from onnxq.solvers import QuantSpec, find_grid, layer_loss, obs_quantize, solve_
 from onnxq.solvers.engine import gptaq_term
 from onnxq.solvers.grid import fake_quant
 from onnxq.solvers.hessian import factor
-from tests.test_solvers_grid import check_result
+from tests.problems import check_result, problem
 
 DT = torch.float64
-
-
-def problem(seed, rows=16, n=40, tokens=256):
-    """W and a correlated-input Hessian H = X X^T / tokens, plus X."""
-    g = torch.Generator().manual_seed(seed)
-    X = (torch.randn(n, n, generator=g, dtype=DT) * 0.5 + torch.eye(n, dtype=DT)) @ torch.randn(n, tokens, generator=g, dtype=DT)
-    X = X * torch.rand(n, 1, generator=g, dtype=DT) * 2  # uneven channel scales
-    return torch.randn(rows, n, generator=g, dtype=DT), X @ X.T / tokens, X
 
 
 def dynamic_minmax(spec, gs):

@@ -5,24 +5,9 @@ import torch
 from onnxq.errors import OnnxqError
 from onnxq.solvers import QuantSpec, find_grid, minmax_grid, mse_grid, solve_rtn
 from onnxq.solvers.grid import _grouped, fake_quant, quant_error
+from tests.problems import check_result, float_grid_weight
 
 DT = torch.float64
-
-
-def check_result(res, W, spec):
-    """The QuantResult contract: shapes, dtypes, code range, sym zeros, qweight == (codes - zeros) * scales in fp32."""
-    r, n = W.shape
-    G = 1 if spec.group_size == -1 else -(-n // spec.group_size)
-    g = torch.arange(n) // (n if spec.group_size == -1 else spec.group_size)
-    assert res.qweight.shape == res.codes.shape == (r, n) and res.scales.shape == res.zeros.shape == (r, G)
-    assert res.qweight.dtype == res.scales.dtype == torch.float32 and res.codes.dtype == res.zeros.dtype == torch.int32
-    assert res.codes.min() >= 0 and res.codes.max() <= spec.maxq
-    assert (res.bits, res.group_size, res.sym) == (spec.bits, spec.group_size, spec.sym)
-    assert torch.equal(res.qweight, (res.codes - res.zeros[:, g]).float() * res.scales[:, g])
-    if spec.sym:
-        assert (res.zeros == 2 ** (spec.bits - 1)).all()
-    else:
-        assert res.zeros.min() >= 0 and res.zeros.max() <= spec.maxq
 
 
 def test_minmax_formula():
@@ -104,22 +89,11 @@ def test_hessian_grid_top_k_prefilter():
     assert loss(*hessian_weighted_grid(W, H, spec, top_k=48)) <= 1.02 * loss(*exact)
 
 
-def _float_grid_weight(rows=5, n=40, gs=16, bits=3, seed=0):
-    """W whose every group sits on its own grid lo + k*s (k over all codes) with lo > 0: zero is not on the grid."""
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-n // gs)
-    lo, s = torch.rand(rows, groups, generator=g, dtype=torch.float64) + 0.1, torch.rand(rows, groups, generator=g, dtype=torch.float64) * 0.1 + 0.01
-    k = torch.randint(0, 2**bits, (rows, n), generator=g).double()
-    k[:, ::gs], k[:, 1::gs] = 0, 2**bits - 1  # every group reaches both ends of its grid
-    cols = torch.arange(n) // gs
-    return lo[:, cols] + k * s[:, cols]
-
-
 @pytest.mark.parametrize("grid", ["minmax", "mse", "hessian"])
 def test_float_zero_grid_recovers_an_offset_grid_exactly(grid):
     """A weight on per-group grids that exclude 0 (n = 40 ragged for groups of 16): float zeros reproduce it to
     rounding error, integer zeros cannot (their ranges must contain 0)."""
-    W = _float_grid_weight()
+    W = float_grid_weight()
     H = torch.eye(40, dtype=torch.float64) + 0.1
     exact = solve_rtn(W, QuantSpec(3, 16, False, float_zero=True), grid=grid, H=H)
     assert exact.zeros.is_floating_point() and (exact.qweight.double() - W).abs().max() < 1e-5

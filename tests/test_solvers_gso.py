@@ -6,7 +6,7 @@ import torch
 
 from onnxq.solvers import QuantSpec, hessian_weighted_grid, layer_loss, refine_group_scales, solve_gptq, solve_gso
 from onnxq.solvers.grid import fake_quant
-from tests.test_solvers_gptq import problem
+from tests.problems import asym_objective, descends, problem
 
 DT = torch.float64
 
@@ -31,16 +31,6 @@ def test_stage1_is_the_exhaustive_candidate_search():
                                                                     torch.ceil(-p * lo / (p * (hi - lo) / spec.maxq))])
             )
             assert score(S[i, g], Z[i, g]) == pytest.approx(best, rel=1e-9, abs=1e-12)
-
-
-def descends(losses):
-    """Every sweep keeps the objective (up to rounding) and the first one lowers it."""
-    return all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:])) and losses[1] < losses[0]
-
-
-def asym_objective(W, res, H, dXXt, alpha=0.25):
-    D = res.qweight.double() - W
-    return layer_loss(W, res.qweight, H) - (0 if dXXt is None else 2 * float(((W @ (alpha * dXXt)) * D).sum()))
 
 
 @pytest.mark.parametrize("gs", [-1, 16, 12])

@@ -5,8 +5,7 @@ import torch
 from onnxq.solvers import QuantSpec, layer_loss, refine_group_scales, solve_boa, solve_gptq, solve_turboboa
 from onnxq.solvers.hessian import factor
 from onnxq.solvers.turboboa import row_gain
-from tests.test_solvers_boa import attn_problem
-from tests.test_solvers_grid import check_result
+from tests.problems import attn_problem, check_result, float_grid_weight
 
 DT = torch.float64
 
@@ -117,10 +116,8 @@ def test_turboboa_contract(spec):
 def test_float_zero_solvers_keep_a_weight_already_on_its_grid(act_order):
     """A weight on per-group offset grids (0 not on them): with float zeros GPTQ, BoA and TurboBoA (F3 on; F2 off, as
     it moves the target) keep it, loss ~0; with integer zeros they cannot."""
-    from tests.test_solvers_grid import _float_grid_weight
-
     _, Hi, Ho = attn_problem(3, n=40)
-    W = _float_grid_weight(rows=32, n=40, gs=16, bits=3, seed=1)
+    W = float_grid_weight(rows=32, n=40, gs=16, bits=3, seed=1)
     f, i = QuantSpec(3, 16, False, float_zero=True), QuantSpec(3, 16, False)
     runs = {
         "gptq": lambda s: solve_gptq(W, Hi, s, act_order=act_order, static_groups=True, grid="hessian"),

@@ -15,29 +15,17 @@ from onnxq.graph.metadata import read_provenance
 from onnxq.pipeline import quantize
 from onnxq.runtime import edge
 from onnxq.formats.targets import choose, support
-from tests.tiny import tiny_llama_onnx
+from tests.tiny import tiny_llama_onnx, write_byte_tokenizer
 
 runner = CliRunner()
 IN_CI = bool(__import__("os").environ.get("CI"))
-
-
-def byte_tokenizer(folder: Path) -> None:
-    """Write a tokenizer.json whose 256 tokens are the bytes (byte-level BPE, no merges): ids fit a 256 vocab."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-    b2u = bytes_to_unicode()
-    tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(folder / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     """The tiny Llama (2 layers, hidden 64) with a byte tokenizer beside it, so the CLI can calibrate it."""
     path = tiny_llama_onnx(tmp_path_factory.mktemp("llama"), layers=2, hidden=64, heads=4, kv_heads=2)
-    byte_tokenizer(path.parent)
+    write_byte_tokenizer(path.parent)
     return path
 
 

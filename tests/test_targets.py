@@ -95,7 +95,7 @@ def test_cpu_fuses_qdq_matmul_into_matmulnbits(tmp_path, bits, group):
     import onnxruntime as ort
 
     from onnxq.formats.rewrite import to_qdq
-    from tests.test_rewrite import random_weight
+    from tests.helpers import random_weight
     from tests.tiny import matmul_model
 
     rng = np.random.default_rng(bits)
