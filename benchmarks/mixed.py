@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"name": name, **build(name, how, hf, args.model, folder)}
         row.update(ppl=round(perplexity(folder / "model.onnx", windows), 3),
                    size_mb=round(file_size(folder / "model.onnx") / 1e6, 3))
-        report = Path(f"{folder}.report.json")
+        report = Path(f"{folder}-report.json")
         if report.is_file():
             row["allocation"] = json.loads(report.read_text()).get("allocation", {})
         _put(result["rows"], row)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (options, budget) in ONNXQ.items():
         folder = args.work / name.replace(" ", "-").replace(",", "").replace("@", "at")
         extra = ["--size-mb", f"{sizes[budget]:.3f}"] if budget else []
-        run(name, ("onnxq", [*options, *extra, "--report", f"{folder}.report"]), folder)
+        run(name, ("onnxq", [*options, *extra, "--report", f"{folder}-report"]), folder)
     return 0
 
 

@@ -205,7 +205,8 @@ def _allocate(proto: onnx.ModelProto, graph: onnx.ModelProto, layers: list[Linea
     from .graph.io import stored_bytes
     from .solve.allocate import MB, Candidate, allocate, bpw_budget, candidates, matmulnbits_bytes
 
-    cands = candidates(target=recipe.target)
+    every = candidates(target=recipe.target)  # sensitivities of all (cached); the choice goes no lower than --bits
+    cands = [c for c in every if c.bits >= recipe.bits] or list(every)
     units: dict[tuple, list[LinearLayer]] = {}
     for l in in_blocks:
         qkv = packed_qkv and l.role in ("q_proj", "k_proj", "v_proj")
@@ -213,7 +214,7 @@ def _allocate(proto: onnx.ModelProto, graph: onnx.ModelProto, layers: list[Linea
     external = packed_qkv or any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
     size = lambda ls, c: matmulnbits_bytes(ls[0].k, sum(l.n for l in ls), c, sym=recipe.sym,  # noqa: E731
                                            float_zero=recipe.float_zero and c.bits < 8, external=external)
-    losses = _sensitivity(proto, in_blocks, windows, recipe, cands, read=read, ep=ep, folder=folder, progress=progress)
+    losses = _sensitivity(proto, in_blocks, windows, recipe, every, read=read, ep=ep, folder=folder, progress=progress)
     unit_losses = [{c: sum(losses[l.node][c] for l in ls) for c in cands} for ls in units.values()]
     unit_sizes = [{c: size(ls, c) for c in cands} for ls in units.values()]  # one MatMul per unit
     head = recipe.head_recipe() if packed_qkv else recipe  # layers outside the blocks: the head's format in a folder

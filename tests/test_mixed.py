@@ -42,7 +42,7 @@ def test_budget_is_met_and_predicted(hf, tmp_path, kind):
     budget = (small + 0.4 * (large - small)) / 1e6
     out = tmp_path / ("mixed.onnx" if kind == "file.onnx" else "mixed")
     source = str(export_onnx(hf)) if kind == "file.onnx" else str(hf)
-    rep = quantize(source, QuantRecipe(algo="gptq", size_mb=budget), out, windows=WINDOWS, progress=False)
+    rep = quantize(source, QuantRecipe(algo="gptq", bits=2, size_mb=budget), out, windows=WINDOWS, progress=False)
     path = out if kind == "file.onnx" else out / "model.onnx"
     written = file_size(path)
     assert written <= budget * 1e6 * 1.01
@@ -61,11 +61,14 @@ def test_budget_is_met_and_predicted(hf, tmp_path, kind):
 
 
 def test_bits_per_weight_budget(hf, tmp_path):
-    rep = quantize(str(export_onnx(hf)), QuantRecipe(algo="gptq", bpw=3.0), tmp_path / "q.onnx", windows=WINDOWS,
+    rep = quantize(str(export_onnx(hf)), QuantRecipe(algo="gptq", bits=2, bpw=3.0), tmp_path / "q.onnx", windows=WINDOWS,
                    progress=False)
     formats = rep.allocation["formats"]
     assert rep.allocation["bpw"] == 3.0 and formats
     assert any(f.startswith("w2") for f in formats)  # 3 bits per weight cannot all be 4-bit
+    rep = quantize(str(export_onnx(hf)), QuantRecipe(algo="gptq", bpw=6.0), tmp_path / "q4.onnx", windows=WINDOWS,
+                   progress=False)
+    assert rep.allocation["formats"] and not any(f.startswith("w2") for f in rep.allocation["formats"])  # --bits 4: the floor
 
 
 def test_too_small_budget_is_one_line(hf, tmp_path):
