@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -15,18 +14,15 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .analysis.attention import attention_blocks
 from .analysis.layers import LinearLayer, linear_layers, partition
+from .calibrate.stats import Covariance
 from .errors import OnnxqError
 from .graph.io import read_array
 from .recipe import QuantRecipe
-from .analysis.attention import attention_blocks
-from .calibrate.attention_stats import AttentionStats
-from .solve.block_tune import tune_block
-from .analysis.mlp import GatedMlp, gated_mlps, product_map
-from .solve.dispatch import BlockStats, loss_hessian, solve_block, solve_layer
-from .solvers import QuantResult, layer_loss, up_row_hessian, value_row_hessian
-from .calibrate.stats import Covariance
-from .solve.torch_graph import TorchGraph
+from .solve.dispatch import solve_layer
+from .solve.loop import BlockLoop, Solved, compact, set_mmap_threshold, trim_heap
+from .solvers import QuantResult
 
 
 NODE_BYTES = 480  # graph bytes one MatMul -> MatMulNBits rewrite adds (node, attributes, three or four initializer
@@ -90,8 +86,8 @@ def quantize(
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
     from .graph.io import (
-        Weights, check_external_data, check_graph, check_output_path, detach_weights, load_model, load_tensor_data,
-        restore_weights, save_model_atomic,
+        check_external_data, check_graph, check_output_path, detach_weights, load_model, load_tensor_data,
+        load_weightless, save_model_atomic,
     )
     from .models.export import load_tokenizer, resolve_model
     from .graph.metadata import add_provenance
@@ -103,11 +99,11 @@ def quantize(
     recipe = recipe.for_output(to_folder).validate()
     t0 = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    set_mmap_threshold(2 << 20)  # freed weights and activations go back to the OS, not to a fragmenting heap
     build = _float_build(model, recipe, output) if to_folder else None  # before any calibration: fail fast
     path = resolve_model(str(model))
     # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
-    proto = load_model(path, load_weights=False)
-    folder = str(Path(path).parent)
+    proto, folder = load_weightless(path)  # folder: where each initializer's data is (the file, external data)
     check_graph(proto, Path(path).name, ops=True)  # it is going to run in ONNX Runtime: ops must be valid too
     check_external_data(proto, path)
     if not to_folder:
@@ -116,12 +112,18 @@ def quantize(
     load_tensor_data(reads, folder)
     keep, reads = [t.name for t in reads], None  # (a tensor wrapper would keep the whole loaded proto alive)
     proto, memory = detach_weights(proto, keep=keep)  # inline weights leave the proto too: it stays small
-    folder = Weights(folder, memory)
+    for name in keep:  # normalize may change what it read: those tensors live in the proto for now
+        if name in folder.memory:
+            del folder.memory[name]
+    folder.memory.update(memory)
     head_kept = any(re.search(p, "lm_head") for p in recipe.exclude)
     proto = normalize(proto, keep_tied=head_kept)  # a float tied head stays shared with the embedding
     rotation = None
     if recipe.rotate:
         proto, rotation = _rotate(proto, folder, recipe.seed)
+    sized = recipe.size_mb is not None or recipe.bpw is not None  # its size prediction reads the graph as it is now
+    if not sized:
+        proto = folder.release(proto)  # what normalize read leaves the proto too (back to the file where unchanged)
     layers = select_layers(proto, recipe)
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
     gen_s, calib_text = 0.0, ""
@@ -146,37 +148,39 @@ def quantize(
     in_blocks = [] if data_free else [l for l in layers if l.block is not None]
     head = [l for l in layers if l.block is None and to_folder and not data_free]  # calibrated after the last block
     read = partial(_layer_weight, weights=weights, folder=folder)
-    solved = _Solved()
-    if recipe.size_mb is not None or recipe.bpw is not None:  # choose each layer's format under the size budget
+    solved = Solved()
+    if sized:  # choose each layer's format under the size budget
         tc = time.perf_counter()
         graph = load_model(build / "model.onnx", load_weights=False) if to_folder else proto
         formats, solved.allocation = _allocate(proto, graph, layers, in_blocks, windows, recipe, read=read, ep=ep,
                                                folder=folder, progress=progress, packed_qkv=to_folder)
         recipe = replace(recipe, layer_formats=formats)
         solved.calib_s += time.perf_counter() - tc
+        proto = folder.release(proto)
+        weights.clear()
+        weights.update({t.name: t for t in proto.graph.initializer})  # what `read` reads
     if in_blocks:
-        _blockwise(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder, progress=progress,
-                   head=head)
+        BlockLoop(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder).run(head, progress=progress)
     results, losses = solved.results, solved.losses
     for l in layers:
         if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
             W = read(l)
             res, losses[l.node] = solve_layer(l, W, None, recipe.head_recipe() if to_folder and l.block is None else recipe)
-            results[l.node] = _compact(res)
+            results[l.node] = compact(res)
             del W, res
-            _trim_heap()
+            trim_heap()
     info = _provenance(recipe, rotation, calib, windows, path)
     if to_folder:
         written = _write_folder(build, layers, results, recipe, info, output, read)
     else:
         out = _rewrite(proto, layers, results, recipe)
         add_provenance(out, info)
-        restore_weights(out, memory)  # the float weights left (embeddings, norms, excluded layers) go back in
-        save_model_atomic(out, output, source=path)  # weights not loaded are copied from the source's data file
+        # the float weights left (embeddings, norms, excluded layers) are copied from the source file or memory
+        save_model_atomic(out, output, source=path, weights=folder)
         written = {}
     n_solved = len(results)
     results.clear()
-    memory.clear()
+    folder.memory.clear()
     return QuantReport(
         model=str(path),
         output=str(output),
@@ -352,218 +356,9 @@ def _quantized_weight(r: QuantResult):
                            zeros=None if r.sym else r.zeros.cpu().numpy(), bits=r.bits, group_size=r.group_size)
 
 
-@dataclass
-class _Solved:
-    """What the solve loop produces: compact results and layer losses by node, and where the time went."""
-
-    results: dict = field(default_factory=dict)
-    losses: dict[str, float] = field(default_factory=dict)
-    calib_s: float = 0.0
-    solve_s: float = 0.0
-    notes: list[str] = field(default_factory=list)  # what the run could not do as asked, for the user
-    allocation: dict = field(default_factory=dict)  # --size-mb / --bpw: the budget, the prediction, formats chosen
-
-
 def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:
     """W[d_out, d_in] float32 of `layer`, read from its initializer (or the source's data file) on demand."""
     return torch.from_numpy(read_array(weights[layer.weight], folder).astype(np.float32)).T.contiguous()
-
-
-def _blockwise(
-    proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe, solved: _Solved,
-    *, read: Callable[[LinearLayer], torch.Tensor], ep: str, folder, progress: bool, head: list[LinearLayer] = (),
-) -> None:
-    """Calibrate and solve block by block on ORT (sequential: block ℓ+1 sees block ℓ quantized), then the `head`
-    layers (the LM head) on the quantized stream past the last block with `recipe.head_recipe()`; fills `solved`."""
-    from .calibrate.runner import BlockRunner
-
-    runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
-    batches = [windows[i : i + 4] for i in range(0, len(windows), 4)]
-    need_fp = recipe.algo == "turboboa" and recipe.error_correction
-    attn_by_block: dict[int, list] = {}
-    if recipe.algo in ("aespa", "boa", "turboboa"):
-        plain = []  # fused attention ops, or one packed QKV projection: no per-head Q/K/V layers to solve
-        for a in attention_blocks(proto):
-            if a.kind == "unfused" and a.n_heads and a.block is not None:
-                attn_by_block.setdefault(a.block, []).append(a)
-            if a.block is not None and (a.kind != "unfused" or a.fused_qkv):
-                plain.append(a)
-        if plain:
-            how = plain[0].kind if plain[0].kind != "unfused" else "one packed QKV projection"
-            solved.notes.append(f"{recipe.algo}: {len(plain)} attention blocks are fused ({how}): their Q/K/V "
-                                "projections were solved as plain layers, without per-head attention statistics")
-    mlp_by_block: dict[int, list[GatedMlp]] = {}
-    if recipe.up_row_factor:
-        for m in gated_mlps(proto):
-            mlp_by_block.setdefault(m.block, []).append(m)
-    envs = runner.start(batches)
-    tune_fp = recipe.block_tune > 0 and recipe.block_tune_alpha > 0  # block tuning targets the float stream
-    envs_fp = [dict(e) for e in envs] if need_fp or tune_fp else None
-    envs_res = envs_fp if need_fp else None  # the float stream of TurboBoA's residual terms
-    # _collect advances the float stream past each block, except where only tuning needs it or true-sequential
-    # re-collections need it at the block's inputs: there it advances once the block's layers are solved
-    advance_fp = envs_fp is not None and (recipe.true_sequential or not need_fp)
-    n_blocks = len(runner.blocks)
-    bar = tqdm(range(n_blocks), desc="blocks", disable=not progress, unit="block")
-    for b in bar:
-        todo = [l for l in in_blocks if l.block == b]
-        tc = time.perf_counter()
-        mlps = [m for m in mlp_by_block.get(b, []) if m.up in {l.node for l in todo}]
-        stats = _collect(runner, b, todo, envs, envs_res, attn_by_block.get(b, []), recipe, mlps=mlps)
-        if recipe.v_row_factor:
-            stats.v_rows = _value_rows(todo, attn_by_block.get(b, []), read)
-        if mlps:
-            stats.up_rows, stats.acts = _up_rows(proto, mlps, stats, read, folder), {}
-        recollected = {todo[0].input} if todo else set()
-        solved.calib_s += time.perf_counter() - tc
-        ts = time.perf_counter()
-        fake, fake_bias, full = {}, {}, {}
-
-        def keep(l: LinearLayer, res: QuantResult, loss: float) -> None:
-            full[l.node] = res
-            solved.results[l.node] = _compact(res)
-            solved.losses[l.node] = loss
-            fake[l.weight] = res.qweight.T.cpu().numpy()
-            if res.bias is not None:
-                fake_bias[l.node] = res.bias.cpu().numpy()
-
-        if recipe.true_sequential:  # each layer group sees the block's earlier layers quantized: one after another
-            for l in todo:
-                bar.set_postfix_str(l.role)
-                if fake and l.input not in recollected:
-                    tc = time.perf_counter()
-                    stats.cov[l.input] = _collect(runner, b, [l], envs, envs_res, [], recipe, weights=fake,
-                                                  biases=fake_bias).cov[l.input]
-                    recollected.add(l.input)
-                    spent = time.perf_counter() - tc
-                    ts += spent  # re-collection is calibration, not solve time
-                    solved.calib_s += spent
-                keep(l, *solve_layer(l, read(l).to(recipe.device), stats, recipe))
-        else:
-            bar.set_postfix_str(f"solving {len(todo)} layers")
-            for l, (res, loss) in zip(todo, solve_block(todo, [read(l).to(recipe.device) for l in todo], stats, recipe)):
-                keep(l, res, loss)
-        if advance_fp:
-            tc = time.perf_counter()
-            for _ in runner.run(b, envs_fp):
-                pass  # the float stream moves to this block's outputs: the tuning targets, the next block's inputs
-            spent = time.perf_counter() - tc
-            ts += spent  # float-stream passes are calibration, not solve time
-            solved.calib_s += spent
-        if recipe.block_tune and todo:
-            bar.set_postfix_str("block tuning")
-            _tune_block(runner, b, todo, envs, full, stats, recipe, read, keep, fake_bias, envs_fp)
-        solved.solve_s += time.perf_counter() - ts
-        tc = time.perf_counter()
-        for _ in runner.run(b, envs, weights=fake, biases=fake_bias):
-            pass  # advance the quantized stream through the now-quantized block
-        solved.calib_s += time.perf_counter() - tc
-        del stats, fake, fake_bias, full
-        _trim_heap()  # this block's weights, sessions and statistics are gone: hand the memory back
-    if head:
-        _solve_head(runner, envs, head, recipe.head_recipe(), solved, read)
-
-
-def _solve_head(runner, envs, head: list[LinearLayer], recipe: QuantRecipe, solved: _Solved, read) -> None:
-    """Capture the head layers' inputs on the quantized stream past the last block and solve them with `recipe`."""
-    tc = time.perf_counter()
-    stats = BlockStats()
-    stats.cov = {l.input: Covariance(l.k, device=recipe.device) for l in head}
-    for cap in runner.run_head(envs, list(stats.cov)):
-        for name, cov in stats.cov.items():
-            cov.add(cap[name])
-    solved.calib_s += time.perf_counter() - tc
-    ts = time.perf_counter()
-    for l in head:
-        res, solved.losses[l.node] = solve_layer(l, read(l).to(recipe.device), stats, recipe)
-        solved.results[l.node] = _compact(res)
-    solved.solve_s += time.perf_counter() - ts
-
-
-def _tune_block(runner, b: int, todo: list[LinearLayer], envs, full: dict, stats: BlockStats, recipe: QuantRecipe,
-                read: Callable[[LinearLayer], torch.Tensor], keep: Callable, biases: dict[str, np.ndarray],
-                envs_fp) -> None:
-    """`tune_block` on block `b`'s solved layers (inputs: the quantized stream; target: the float block on the same
-    inputs, blended by `block_tune_alpha` toward the float stream `envs_fp`, already at this block's outputs); keeps
-    the tuned results with their layer losses."""
-    from .calibrate.runner import with_output_bias
-
-    piece = runner.piece(b)
-    reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies the weights)
-    graph = TorchGraph(with_output_bias(piece, biases)) if biases else reference
-    feeds = [{k: env[k] for k in graph.inputs} for env in envs]
-    float_outputs = [[env[k] for k in graph.outputs] for env in envs_fp] if recipe.block_tune_alpha else None
-    tuned, _, _ = tune_block(graph, feeds, {l.weight: full[l.node] for l in todo}, reference=reference,
-                             float_outputs=float_outputs, alpha=recipe.block_tune_alpha,
-                             epochs=recipe.block_tune, seed=recipe.seed)
-    for l in todo:
-        res = tuned[l.weight]
-        H = loss_hessian(stats.cov[l.input], recipe, res.qweight.device)
-        keep(l, res, float(layer_loss(read(l).to(H.device), res.qweight, H)))
-
-
-def _collect(
-    runner, b: int, todo: list[LinearLayer], envs, envs_fp, attn: list, recipe: QuantRecipe, *,
-    weights: dict[str, np.ndarray] | None = None, biases: dict[str, np.ndarray] | None = None, mlps: list[GatedMlp] = (),
-) -> BlockStats:
-    """Run block `b` on the quantized stream (float weights, or `weights` and output `biases` for layers already
-    solved: true-sequential);
-    accumulate input covariances and attention statistics.
-
-    With a float stream, the block also runs on it (float weights; it advances, unless true-sequential
-    re-collections still need it at this block's inputs) to accumulate the residual terms dXXᵀ.
-    """
-    stats = BlockStats()
-    dims = {l.input: l.k for l in todo}
-    residual = envs_fp is not None
-    stats.cov = {n: Covariance(d, device=recipe.device, residual=residual) for n, d in dims.items()}
-    todo_names = {l.node for l in todo}
-    for a in attn:
-        acc = AttentionStats(a, device=recipe.device, residual=residual)
-        for role in ("q", "k", "v"):
-            if getattr(a, role) in todo_names:
-                stats.attention[getattr(a, role)] = (role, acc)
-    accs = list({id(acc): acc for _, acc in stats.attention.values()}.values())
-    d_ff = {l.node: l.n for l in todo}
-    stats.acts = {m.act: Covariance(d_ff[m.up], device=recipe.device) for m in mlps}
-    capture = list(dict.fromkeys(list(dims) + [n for acc in accs for n in acc.capture_names()] + list(stats.acts)))
-    q_iter = runner.run(b, envs, capture=capture, weights=weights, biases=biases, advance=False)
-    f_iter = runner.run(b, envs_fp, capture=capture, advance=not recipe.true_sequential) if residual else None
-    for cap in q_iter:
-        cap_fp = next(f_iter) if f_iter is not None else {}
-        for n, cov in stats.cov.items():
-            try:
-                cov.add(cap[n], cap_fp.get(n))
-            except OnnxqError as err:
-                readers = ", ".join(l.node for l in todo if l.input == n)
-                raise OnnxqError(f"block {b}, input of {readers}: {err}") from None
-        for acc in accs:
-            acc.add(cap, cap_fp or None)
-        for n, cov in stats.acts.items():
-            cov.add(cap[n])
-    if f_iter is not None:
-        for _ in f_iter:
-            pass
-    return stats
-
-
-def _value_rows(todo: list[LinearLayer], attn: list, read: Callable[[LinearLayer], torch.Tensor]) -> dict:
-    """V node -> BoA's row factor from the block's float W_O, for attention blocks whose V and O are both solved here."""
-    by_node = {l.node: l for l in todo}
-    return {a.v: value_row_hessian(read(by_node[a.o]), a.n_heads, a.n_kv_heads)
-            for a in attn if a.v in by_node and a.o in by_node}
-
-
-def _up_rows(proto: onnx.ModelProto, mlps: list[GatedMlp], stats: BlockStats, read, folder) -> dict:
-    """Up node -> its row Hessian (J Jᵀ) ⊙ E[a aᵀ], J the float map from the gated product to the MLP output."""
-    layers = {l.node: l for l in linear_layers(proto) if l.node in {m.down for m in mlps}}
-    out = {}
-    for m in mlps:
-        down = read(layers[m.down]).T  # [d_ff, d_model], ONNX orientation
-        P = product_map(proto, m, down.shape[0], lambda t: read_array(t, folder))
-        J = down if P is None else torch.from_numpy(P).to(down) @ down
-        out[m.up] = up_row_hessian(J.to(stats.acts[m.act].device), stats.acts[m.act].hessian())
-    return out
 
 
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:
@@ -590,7 +385,7 @@ def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto,
                    f"R4 ({r4} of {len(online)} MLP down projections{skipped})")
 
 
-def _normalize_reads(model: onnx.ModelProto, folder: str) -> list[onnx.TensorProto]:
+def _normalize_reads(model: onnx.ModelProto, folder) -> list[onnx.TensorProto]:
     """Initializers normalize may rewrite (weights of Gemm, Transpose-fed weights, likely copies of one weight, read
     from the model's `folder`): loaded before it runs."""
     from .graph.normalize import duplicate_candidates
@@ -608,12 +403,6 @@ def _check_finite(layer: LinearLayer, w: np.ndarray) -> None:
         raise OnnxqError(f"weight of layer {layer.node} has {bad} NaN/Inf values: fix the model (or --exclude the layer)")
 
 
-def _compact(res):
-    """A QuantResult holding only what the rewrite needs: codes as uint8 (bits <= 8), no fake-quant weight."""
-    return replace(res, qweight=torch.empty(0), codes=res.codes.to(torch.uint8).cpu(), scales=res.scales.cpu(),
-                   zeros=res.zeros.cpu(), bias=None if res.bias is None else res.bias.cpu())
-
-
 def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe) -> onnx.ModelProto:
     """Write the solved layers as MatMulNBits or DequantizeLinear→MatMul (+ Add of their output bias, if any)."""
     from .formats.rewrite import add_output_bias, to_matmulnbits, to_qdq
@@ -627,17 +416,6 @@ def _rewrite(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, r
     else:
         out = to_qdq(proto, qw)
     return add_output_bias(out, biases) if biases else out
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc keeps freed blocks of a few MB cached; without this, resident
-    memory creeps up by about a block's weights per block on large models). A no-op elsewhere."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _peak_rss_mb() -> float:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import onnxq.pipeline
 import onnxq.solve.dispatch
+import onnxq.solve.loop
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.analysis.layers import LinearLayer
 from onnxq.solve.dispatch import BlockStats, solve_block, solve_layer
@@ -91,7 +91,7 @@ def test_pipeline_with_lanes_writes_the_same_model(tmp_path, two_threads, monkey
     windows = np.random.default_rng(0).integers(0, 256, (8, 32))
     recipe = QuantRecipe(algo="turboboa", bits=3, group_size=32)
     quantize(model, recipe, tmp_path / "lanes.onnx", windows=windows, progress=False)
-    monkeypatch.setattr(onnxq.pipeline, "solve_block",
+    monkeypatch.setattr(onnxq.solve.loop, "solve_block",
                         lambda layers, weights, stats, r: [solve_layer(l, W, stats, r) for l, W in zip(layers, weights)])
     quantize(model, recipe, tmp_path / "one.onnx", windows=windows, progress=False)
     assert (tmp_path / "lanes.onnx").read_bytes() == (tmp_path / "one.onnx").read_bytes()

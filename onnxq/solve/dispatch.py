@@ -77,7 +77,7 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
                 args = (layers[i], weights[i], stats, recipe)
                 if helper is not None:
                     try:
-                        ok, value = helper.solve(*args)
+                        ok, value = helper.solve(layers[i], weights[i], _for_layer(stats, layers[i]), recipe)
                     except (OSError, EOFError, pickle.PickleError, AttributeError, TypeError):
                         helper.proc.kill()  # it died or cannot take these arguments: replaced next block,
                         helper = None  # and this lane solves here
@@ -99,6 +99,15 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
         finally:
             todo.clear()
     return [results[i] for i in range(len(layers))]
+
+
+def _for_layer(stats: BlockStats | None, layer: LinearLayer) -> BlockStats | None:
+    """The part of a block's `stats` that `solve_layer` reads for `layer` (what a helper process is sent)."""
+    if stats is None:
+        return None
+    pick = lambda d, key: {k: v for k, v in d.items() if k == key}  # noqa: E731
+    return BlockStats(cov=pick(stats.cov, layer.input), attention=pick(stats.attention, layer.node),
+                      v_rows=pick(stats.v_rows, layer.node), acts={}, up_rows=pick(stats.up_rows, layer.node))
 
 
 class _Helper:
