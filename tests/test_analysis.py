@@ -59,6 +59,25 @@ def test_block_runner_matches_full_model(llama):
     np.testing.assert_allclose(envs[0][name], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_block_runner_on_weights_left_in_the_file_runs_the_same(llama, tmp_path):
+    """Weights read from the file (or passed as overrides) reach ORT as arrays: bit for bit the loaded model's runs."""
+    from onnxq.graph.io import load_weightless, save_model_atomic
+
+    save_model_atomic(llama, tmp_path / "m.onnx")
+    lazy, store = load_weightless(tmp_path / "m.onnx")
+    assert len(store.memory) > 0
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 12)).astype(np.int64)
+    fake = {l.weight: np.full((l.k, l.n), 0.01, np.float32) for l in linear_layers(llama) if l.block == 0}
+    outputs = []
+    for runner in (BlockRunner(llama, partition(llama)), BlockRunner(lazy, partition(lazy), folder=store)):
+        envs = runner.start([ids])
+        for b in range(len(runner.blocks)):
+            for _ in runner.run(b, envs, weights=fake if b == 0 else None):
+                pass
+        outputs.append(envs[0][runner.blocks[-1].outputs[0]])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_gpt2_fused_qkv(tmp_path):
     model = normalize(onnx.load(tiny_gpt2_onnx(tmp_path)))
     att = attention_blocks(model)

@@ -153,3 +153,75 @@ def test_provenance_survives_a_save(tmp_path):
     assert props["onnxq.calibration"] == '{"seq_len": 512, "windows": 32}' and props["author"] == "someone"
     save_model_atomic(model, tmp_path / "m.onnx")
     assert read_provenance(load_model(tmp_path / "m.onnx")) == info | {"bits": 3}
+
+
+# ---- weightless loading: inline weights stay in the file until read --------------------------------------------
+
+
+@pytest.fixture
+def inline(tmp_path):
+    """A small decoder saved with its weights inline, with metadata after the graph."""
+    from tests.tiny import small
+
+    model = small()
+    model.metadata_props.add(key="author", value="someone")
+    path = tmp_path / "src" / "model.onnx"
+    save_model_atomic(model, path)
+    return path
+
+
+def test_weightless_load_leaves_the_weights_in_the_file(inline):
+    lazy, store = io.load_weightless(inline)
+    full = load_model(inline)
+    assert isinstance(store.memory, io.FileSpans) and len(store.memory) == 16  # 14 projections, embedding, head
+    assert lazy.ByteSize() < full.ByteSize() // 10
+    for t in lazy.graph.initializer:
+        want = next(u for u in full.graph.initializer if u.name == t.name)
+        np.testing.assert_array_equal(io.read_array(t, store), numpy_helper.to_array(want))
+    assert lazy.SerializeToString() == io.detach_weights(full)[0].SerializeToString()  # as detaching them gives
+
+
+@pytest.mark.parametrize("external_data", [None, False, True])
+def test_saving_detached_weights_writes_the_same_file(inline, tmp_path, external_data):
+    """Tensors left in the source file are spliced into the output as if put back with restore_weights."""
+    lazy, store = io.load_weightless(inline)
+    lazy.graph.initializer.append(numpy_helper.from_array(np.arange(600, dtype=np.float32), "extra"))
+    before = lazy.SerializeToString()
+    save_model_atomic(lazy, tmp_path / "lazy" / "m.onnx", weights=store, external_data=external_data)
+    assert lazy.SerializeToString() == before
+    full = load_model(inline)
+    full.graph.initializer.append(numpy_helper.from_array(np.arange(600, dtype=np.float32), "extra"))
+    save_model_atomic(full, tmp_path / "full" / "m.onnx", external_data=external_data)
+    names = sorted(os.listdir(tmp_path / "full"))
+    assert names == sorted(os.listdir(tmp_path / "lazy")) == (["m.onnx", "m.onnx.data"] if external_data else ["m.onnx"])
+    for name in names:
+        assert (tmp_path / "lazy" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_size_threshold_counts_detached_weights(inline, tmp_path, monkeypatch):
+    lazy, store = io.load_weightless(inline)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", inline.stat().st_size - 1)
+    save_model_atomic(lazy, tmp_path / "m.onnx", weights=store)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data", "src"]
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbage \x00\x01" * 50, b"", b"hello, I am a text file\n"])
+def test_weightless_load_of_a_bad_file_fails_as_load_model_does(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    one_line_error(lambda: io.load_weightless(path), "not (a readable ONNX|an ONNX) model")
+    path.write_bytes(matmul_model().SerializeToString()[:5000])
+    one_line_error(lambda: io.load_weightless(path), "truncated or not ONNX")
+
+
+def test_released_tensors_go_back_to_the_file(inline):
+    lazy, store = io.load_weightless(inline)
+    names = [t.name for t in lazy.graph.initializer if store.detached(t)][:2]
+    io.load_tensor_data([t for t in lazy.graph.initializer if t.name in names], store)
+    for name in names:
+        del store.memory[name]
+    changed = next(t for t in lazy.graph.initializer if t.name == names[1])
+    changed.raw_data = bytes(len(changed.raw_data))
+    lazy = store.release(lazy)
+    assert names[0] in store.memory.spans and store.memory.held.keys() == {names[1]}
+    assert all(store.detached(t) for t in lazy.graph.initializer if t.name in names)

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from onnxq.analysis.layers import Partition
 from onnxq.analysis.attention import cache_head_dims
@@ -36,7 +36,7 @@ class BlockRunner:
 
     def start(self, batches: list[np.ndarray]) -> list[Env]:
         """Run the stem on each token batch [B, T]; returns one environment of live tensors per batch."""
-        probe = make_session(self._piece(self.stem, inputs=[i.name for i in self.model.graph.input]), self.ep, threads=self.threads)
+        probe = self._session(self.stem, inputs=[i.name for i in self.model.graph.input])
         envs, dims = [], cache_head_dims(self.model)
         for ids in batches:
             feeds = model_feeds(probe, ids, dims)
@@ -63,12 +63,8 @@ class BlockRunner:
         name -> [N]) adds an output bias after those nodes.
         """
         sub = self.blocks[index]
-        protos = {k: numpy_helper.from_array(np.ascontiguousarray(v, dtype=np.float32), k) for k, v in (weights or {}).items()}
         extra = [c for c in capture if c not in sub.inputs]
-        piece = self._piece(sub, extra=extra, weights=protos)
-        if biases:
-            piece = with_output_bias(piece, biases)
-        session = make_session(piece, self.ep, threads=self.threads)
+        session = self._session(sub, extra=extra, weights=weights, biases=biases)
         names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
         keep = self._live_after(index) | set(sub.outputs)
         for env in envs:
@@ -80,6 +76,7 @@ class BlockRunner:
                 env.update({k: outs[k] for k in sub.outputs})
                 for k in [k for k in env if k not in keep]:
                     del env[k]
+            del feeds, outs  # not alive during the next batch's run
 
     def run_head(self, envs: list[Env], capture: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Run only the head nodes that `capture` depends on (e.g. the final norm before the LM head) on every
@@ -99,7 +96,7 @@ class BlockRunner:
         inits = {t.name for t in self.model.graph.initializer}
         reads = list(dict.fromkeys(t for n in nodes for t in n.input if t and t not in made and t not in inits))
         sub = SubModel(nodes, reads, list(capture), sorted({t for n in nodes for t in n.input if t in inits}))
-        session = make_session(self._piece(sub), self.ep, threads=self.threads)
+        session = self._session(sub)
         for env in envs:
             yield dict(zip(capture, _run(session, list(capture), {k: env[k] for k in reads}, "the head")))
 
@@ -114,13 +111,33 @@ class BlockRunner:
             live.update(sub.inputs)
         return live
 
-    def _piece(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None, weights=None) -> onnx.ModelProto:
+    def _session(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None,
+                 weights: dict[str, np.ndarray] | None = None, biases: dict[str, np.ndarray] | None = None):
+        """An ORT session (no memory arena) for `sub` with `weights` overriding initializers (float32) and output
+        `biases`; those weights and the large ones still on disk reach ORT as arrays, copied once."""
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (weights or {}).items()}
+        headers = {k: onnx.TensorProto(name=k, data_type=onnx.TensorProto.FLOAT, dims=a.shape)
+                   for k, a in arrays.items()}
+        piece = self._piece(sub, extra=extra, inputs=inputs, weights=headers, load=False)
+        if self.folder is not None:
+            for t in piece.graph.initializer:
+                if t.name not in arrays and (uses_external_data(t) or self.folder.detached(t)):
+                    array = self.folder.array(t)
+                    if array is not None:
+                        arrays[t.name] = array
+            load_tensor_data([t for t in piece.graph.initializer if t.name not in arrays], self.folder)
+        if biases:
+            piece = with_output_bias(piece, biases)
+        return make_session(piece, self.ep, threads=self.threads, arena=False, initializers=arrays)
+
+    def _piece(self, sub: SubModel, *, extra: list[str] = (), inputs: list[str] | None = None, weights=None,
+               load: bool = True) -> onnx.ModelProto:
         try:
             piece = build_model(self.model, sub, self.types, extra_outputs=extra, inputs=inputs or None, weights=weights)
         except KeyError as err:  # build_model's signal for a tensor that shape inference left untyped
             raise OnnxqError(f"the type of tensor {err.args[0]!r} is unknown (ONNX shape inference cannot infer it): "
                              "check the model with onnx.shape_inference.infer_shapes or re-export it") from None
-        if self.folder is not None:  # only this piece's weights are read into memory
+        if load and self.folder is not None:  # only this piece's weights are read into memory
             load_tensor_data(piece.graph.initializer, self.folder)
         return piece
 

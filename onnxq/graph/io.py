@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +70,14 @@ _BITS = {
 _SCHEMA_DOMAINS = ("", "ai.onnx.ml")  # domains whose op schemas onnx knows; others (com.microsoft, ...) pass as is
 
 
-def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = False) -> None:
+def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = False,
+                sizes: Mapping[str, int] | None = None) -> None:
     """Cheap structural checks of the main graph (no weight data read, nothing copied), so that a malformed model
     fails here with one line instead of deep inside analysis or ONNX Runtime: valid tensor types and dims, raw data
     sizes, every node with an output, every node input defined before use, every tensor produced once, every graph
     output produced. With `ops` (for models about to run), also: every node's domain imported, and ops of the ONNX
-    domains known at the imported opset with valid input/output counts and attribute names and types."""
+    domains known at the imported opset with valid input/output counts and attribute names and types. `sizes` gives
+    the stored bytes of initializers whose data is elsewhere (`load_weightless`)."""
     g = model.graph
     opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
     fix = "re-export the model or repair it"
@@ -93,7 +95,8 @@ def check_graph(model: onnx.ModelProto, name: str = "the model", *, ops: bool = 
         if any(d < 0 for d in t.dims):
             fail(f"initializer {t.name!r} has a negative dimension {list(t.dims)}")
         bits, count = _BITS.get(t.data_type), int(np.prod(t.dims, dtype=np.int64))
-        stored = _external_length(t) if uses_external_data(t) else len(t.raw_data) if t.HasField("raw_data") else None
+        stored = (_external_length(t) if uses_external_data(t) else len(t.raw_data) if t.HasField("raw_data")
+                  else (sizes or {}).get(t.name))
         if bits is not None and stored is not None and stored != -(-count * bits // 8):
             fail(f"initializer {t.name!r} holds {stored} bytes, its shape {list(t.dims)} needs {-(-count * bits // 8)}")
         known.add(t.name)
@@ -193,15 +196,299 @@ def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None
 
 class Weights:
     """Where the data of a weightless model's initializers is: external data files in `folder` (the model's folder)
-    and `memory`, bytes by initializer name, for inline weights moved out with `detach_weights`."""
+    and `memory`, bytes by initializer name (a dict, or `FileSpans` reading them from the source file on demand)."""
 
-    def __init__(self, folder: str | os.PathLike, memory: dict[str, bytes] | None = None):
+    def __init__(self, folder: str | os.PathLike, memory: MutableMapping[str, bytes] | None = None):
         self.folder = Path(folder)
         self.memory = memory if memory is not None else {}
 
     def detached(self, t: onnx.TensorProto) -> bool:
-        """Whether `t` is an initializer whose data `detach_weights` moved to `memory`."""
+        """Whether `t` is an initializer whose data is in `memory` (moved out with `detach_weights`, or never read)."""
         return t.name in self.memory and not t.HasField("raw_data") and not uses_external_data(t)
+
+    def nbytes(self, name: str) -> int:
+        """Length of the data of detached initializer `name`."""
+        m = self.memory
+        return m.length(name) if isinstance(m, FileSpans) else len(m[name])
+
+    def read(self, name: str, start: int, size: int) -> bytes:
+        """Bytes [start, start + size) of the data of detached initializer `name`."""
+        m = self.memory
+        return m.read(name, start, size) if isinstance(m, FileSpans) else m[name][start : start + size]
+
+    def copy_to(self, name: str, out) -> int:
+        """Write the data of detached initializer `name` to file `out` (in chunks from a file); returns its length."""
+        if isinstance(self.memory, FileSpans):
+            return self.memory.copy_to(name, out)
+        data = self.memory[name]
+        out.write(data)
+        return len(data)
+
+    def array(self, t: onnx.TensorProto) -> np.ndarray | None:
+        """The data of detached or external initializer `t` as an array, read in one copy (a view of bytes held in
+        memory); None for element types numpy does not store as ONNX does (bfloat16, 4-bit, float8, strings)."""
+        if t.data_type not in _NUMPY_TYPES:
+            return None
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        count = int(np.prod(t.dims, dtype=np.int64))
+        spans = self.memory if isinstance(self.memory, FileSpans) else None
+        if self.detached(t) and (spans is None or t.name in spans.held):
+            data = np.frombuffer(self.memory[t.name], dtype)
+        else:
+            if self.detached(t):
+                (offset, length), file = spans.spans[t.name], spans.path
+            else:
+                info, file = _external_file(t, self.folder)
+                offset, length = info.offset or 0, info.length
+            data = np.empty(count, dtype)
+            if length is not None and length != data.nbytes:
+                raise OnnxqError(f"tensor {t.name!r} holds {length} bytes, its shape {list(t.dims)} needs "
+                                 f"{data.nbytes}: re-export the model")
+            with open(file, "rb") as f:
+                f.seek(offset)
+                if f.readinto(memoryview(data).cast("B")) != data.nbytes:
+                    raise OnnxqError(f"{Path(file).name} ends inside tensor {t.name!r}: the file is truncated")
+        if data.size != count:
+            raise OnnxqError(f"tensor {t.name!r} holds {data.nbytes} bytes, its shape {list(t.dims)} needs "
+                             f"{count * dtype.itemsize}: re-export the model")
+        return data.reshape(tuple(t.dims))
+
+    def release(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of `model` with its large inline initializers detached here; drop `model`. Tensors equal to their
+        bytes in the source file point back at it instead of being held in memory."""
+        model, memory = detach_weights(model)
+        for name, data in memory.items():
+            if not (isinstance(self.memory, FileSpans) and self.memory.reattach(name, data)):
+                self.memory[name] = data
+        return model
+
+
+class FileSpans(MutableMapping):
+    """Initializer bytes by name, read on demand from spans of one file (a model's inline weights left on disk);
+    a name set to bytes is held in memory instead."""
+
+    def __init__(self, path: str | os.PathLike, spans: dict[str, tuple[int, int]]):
+        self.path = Path(path)
+        self.spans = dict(spans)  # name -> (offset, length) in `path`
+        self.origin = dict(spans)  # every span the file has, also of names since set or deleted
+        self.held: dict[str, bytes] = {}
+
+    def __getitem__(self, name: str) -> bytes:
+        if name in self.held:
+            return self.held[name]
+        offset, length = self.spans[name]
+        return self.read(name, 0, length)
+
+    def __setitem__(self, name: str, data: bytes) -> None:
+        self.spans.pop(name, None)
+        self.held[name] = data
+
+    def __delitem__(self, name: str) -> None:
+        if self.held.pop(name, None) is None:
+            del self.spans[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.held, *(n for n in self.spans if n not in self.held)])
+
+    def __len__(self) -> int:
+        return len(self.held) + len(self.spans)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.held or name in self.spans
+
+    def clear(self) -> None:
+        self.held.clear()
+        self.spans.clear()
+
+    def length(self, name: str) -> int:
+        """Bytes of `name`'s data."""
+        return len(self.held[name]) if name in self.held else self.spans[name][1]
+
+    def read(self, name: str, start: int, size: int) -> bytes:
+        """Bytes [start, start + size) of `name`'s data."""
+        if name in self.held:
+            return self.held[name][start : start + size]
+        offset, length = self.spans[name]
+        size = max(0, min(size, length - start))
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), size, offset + start)
+        if len(data) != size:
+            raise OnnxqError(f"{self.path.name} ends inside tensor {name!r}: the file is truncated; copy it again")
+        return data
+
+    def copy_to(self, name: str, out) -> int:
+        """Write `name`'s data to file `out` in chunks; returns its length."""
+        if name in self.held:
+            out.write(self.held[name])
+            return len(self.held[name])
+        length = self.spans[name][1]
+        for start in range(0, length, _CHUNK):
+            out.write(self.read(name, start, _CHUNK))
+        return length
+
+    def reattach(self, name: str, data: bytes) -> bool:
+        """Read `name` from the file again if `data` equals its bytes there; whether it does."""
+        if name not in self.origin or self.origin[name][1] != len(data):
+            return False
+        self.held.pop(name, None)
+        self.spans[name] = self.origin[name]
+        view = memoryview(data)
+        if all(self.read(name, i, _CHUNK) == view[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)):
+            return True
+        del self.spans[name]
+        return False
+
+
+_CHUNK = 64 << 20  # bytes per read when copying tensor data between files
+_NUMPY_TYPES = {getattr(onnx.TensorProto, n) for n in (
+    "FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL")}
+
+
+def load_weightless(path: str | os.PathLike) -> tuple[onnx.ModelProto, Weights]:
+    """`load_model(path, load_weights=False)` without its large inline initializers' data, which stays in the file:
+    a small proto and the `Weights` that read each tensor from the file (or its external data) when asked."""
+    path = Path(path)
+    if path.suffix == ".onnx" and path.is_file():
+        try:
+            slim, spans = _weightless_bytes(path)
+            model = onnx.ModelProto.FromString(slim)
+        except (ValueError, IndexError, DecodeError, RuntimeError, OSError):
+            model = None  # load_model says what is wrong with the file
+        if model is not None and model.HasField("graph") and model.opset_import:
+            check_graph(model, path.name, sizes={k: n for k, (_, n) in spans.items()})
+            return model, Weights(path.parent, FileSpans(path, spans))
+    model, memory = detach_weights(load_model(path, load_weights=False))
+    return model, Weights(path.parent, memory)
+
+
+# ---- the protobuf wire format, for the three levels that hold weights: model.graph (7), graph.initializer (5),
+# tensor.raw_data (9); everything else is copied through as bytes -------------------------------------------------
+
+_GRAPH, _INITIALIZER, _NAME, _RAW_DATA, _EXTERNAL_DATA = 7, 5, 8, 9, 13
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    """The varint at `pos` in `buf` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, field start, payload start, field end) of each field of the message in buf[start:end]; the
+    payload of a length-delimited field is buf[payload start:field end]."""
+    pos = start
+    while pos < end:
+        key, p = _varint(buf, pos)
+        kind = key & 7
+        if kind == 0:
+            stop = _varint(buf, p)[1]
+        elif kind in (1, 5):
+            stop = p + (8 if kind == 1 else 4)
+        elif kind == 2:
+            n, p = _varint(buf, p)
+            stop = p + n
+        else:
+            raise ValueError(f"unsupported wire type {kind}")  # groups: not in ONNX
+        if stop > end:
+            raise ValueError("field runs past its message")
+        yield key >> 3, pos, p, stop
+        pos = stop
+
+
+def _length_delimited(number: int, parts: list) -> list:
+    """Field `number` holding the concatenation of `parts` (bytes, or (name, length) placeholders)."""
+    size = sum(len(x) if isinstance(x, bytes) else x[1] for x in parts)
+    return [_put_varint(number << 3 | 2) + _put_varint(size), *parts]
+
+
+def _weightless_bytes(path: Path) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The serialized model in `path` without the raw data of initializers holding at least `_MIN_EXTERNAL_BYTES`, and
+    where that data is: name -> (offset, length) in the file."""
+    import mmap
+
+    spans: dict[str, tuple[int, int]] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if hasattr(buf, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            buf.madvise(mmap.MADV_RANDOM)  # no read-ahead: only the pages holding the fields are read
+        out = []
+        graphs = 0
+        for number, start, payload, stop in _fields(buf, 0, len(buf)):
+            if number != _GRAPH:
+                out.append(buf[start:stop])
+                continue
+            graphs += 1
+            parts = []
+            for inner, s2, p2, e2 in _fields(buf, payload, stop):
+                tensor = _weightless_tensor(buf, p2, e2, spans) if inner == _INITIALIZER else None
+                parts += [buf[s2:e2]] if tensor is None else _length_delimited(_INITIALIZER, tensor)
+            out += _length_delimited(_GRAPH, parts)
+        if graphs > 1:
+            raise ValueError("graph field repeated")  # protobuf would merge them: let it
+        return b"".join(out), spans
+
+
+def _weightless_tensor(buf, start: int, end: int, spans: dict) -> list[bytes] | None:
+    """A TensorProto's fields without a large raw_data (whose span goes to `spans`), or None to keep it as is."""
+    fields = list(_fields(buf, start, end))
+    if any(f[0] == _EXTERNAL_DATA for f in fields):
+        return None
+    raw = [f for f in fields if f[0] == _RAW_DATA]
+    names = [f for f in fields if f[0] == _NAME]
+    if len(raw) != 1 or len(names) != 1 or raw[0][3] - raw[0][2] < _MIN_EXTERNAL_BYTES:
+        return None
+    name = bytes(buf[names[0][2] : names[0][3]]).decode()
+    if name in spans:
+        raise ValueError(f"initializer {name!r} appears twice")
+    spans[name] = (raw[0][2], raw[0][3] - raw[0][2])
+    return [buf[s:e] for number, s, _, e in fields if number != _RAW_DATA]
+
+
+def _spliced(model: onnx.ModelProto, weights: Weights) -> list:
+    """`model` serialized as its initializers' data detached in `weights` were back in it: byte strings and
+    (name, length) placeholders for that data, in file order (fields are written in field-number order)."""
+    detached = {t.name: t for t in model.graph.initializer if weights.detached(t)}
+    buf = model.SerializeToString()
+    if not detached:
+        return [buf]
+    out = []
+    for number, start, payload, stop in _fields(buf, 0, len(buf)):
+        if number != _GRAPH:
+            out.append(buf[start:stop])
+            continue
+        parts = []
+        for inner, s2, p2, e2 in _fields(buf, payload, stop):
+            name = _tensor_name(buf, p2, e2) if inner == _INITIALIZER else None
+            if name not in detached:
+                parts.append(buf[s2:e2])
+                continue
+            fields = list(_fields(buf, p2, e2))
+            data = _length_delimited(_RAW_DATA, [(name, weights.nbytes(name))])
+            at = next((i for i, f in enumerate(fields) if f[0] > _RAW_DATA), len(fields))
+            tensor = [buf[f[1] : f[3]] for f in fields[:at]] + data + [buf[f[1] : f[3]] for f in fields[at:]]
+            parts += _length_delimited(_INITIALIZER, tensor)
+        out += _length_delimited(_GRAPH, parts)
+    return out
+
+
+def _tensor_name(buf, start: int, end: int) -> str | None:
+    return next((bytes(buf[p:e]).decode() for n, _, p, e in _fields(buf, start, end) if n == _NAME), None)
 
 
 def detach_weights(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[onnx.ModelProto, dict[str, bytes]]:
@@ -285,6 +572,7 @@ def save_model_atomic(
     *,
     external_data: bool | None = None,
     source: str | os.PathLike | None = None,
+    weights: Weights | None = None,
 ) -> Path:
     """Write `model` to `path` through temp files in the same folder and `os.replace`; return the path.
 
@@ -292,7 +580,8 @@ def save_model_atomic(
     larger than EXTERNAL_DATA_THRESHOLD or still refers to external data. `source` is the path the model was read
     from; writing over it is refused, and initializers not loaded (`load_model(..., load_weights=False)`) are copied
     from its external files in chunks, so a lazily loaded model is saved without holding its weights in memory.
-    `model` is unchanged afterwards; on any failure no temp file is left behind.
+    Initializers detached in `weights` are written from there (as `restore_weights` would put them back), one at
+    a time. `model` is unchanged afterwards; on any failure no temp file is left behind.
     """
     path = Path(path)
     if source is not None and path.resolve() == Path(source).resolve():
@@ -300,8 +589,16 @@ def save_model_atomic(
     streamed = any(uses_external_data(t) for t in _get_all_tensors(model))
     if streamed and (source is None or _external_outside_initializers(model)):
         raise OnnxqError("the model's external weights are not loaded: load it with load_weights=True before saving")
+    weights = weights or Weights(".")
+    for t in model.graph.initializer:
+        if weights.detached(t):  # what restore_weights does before putting the data back
+            del t.external_data[:]
+            t.ClearField("data_location")
+    pieces = None
     if external_data is None:
-        external_data = streamed or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        pieces = _spliced(model, weights)
+        size = sum(len(x) if isinstance(x, bytes) else x[1] for x in pieces)
+        external_data = streamed or size > EXTERNAL_DATA_THRESHOLD
     elif streamed and not external_data:
         raise OnnxqError("the model's weights are still on disk (loaded lazily): save it with external data")
     temps: list[str] = []
@@ -313,11 +610,17 @@ def save_model_atomic(
         if external_data:
             data_path = path.with_name(path.name + ".data")
             temps.append(_temp_name(data_path))
-            _write_external(model, temps[-1], data_path.name, payloads, moved, None if source is None else Path(source).parent)
+            _write_external(model, temps[-1], data_path.name, payloads, moved,
+                            None if source is None else Path(source).parent, weights)
             renames.append((temps[-1], data_path))
+            pieces = [model.SerializeToString()]
         temps.append(_temp_name(path))
         with open(temps[-1], "xb") as f:
-            f.write(model.SerializeToString())
+            for piece in pieces or _spliced(model, weights):
+                if isinstance(piece, bytes):
+                    f.write(piece)
+                else:
+                    weights.copy_to(piece[0], f)
             f.flush()
             os.fsync(f.fileno())
         renames.append((temps[-1], path))
@@ -360,21 +663,28 @@ def _write_external(
     payloads: dict[str, bytes],
     moved: dict[str, list[tuple[str, str]]],
     source_dir: Path | None,
+    weights: Weights,
 ) -> None:
     """Write large initializers to `tmp_data` and point them at `location`; their bytes go to `payloads`.
 
     Initializers whose data is still in the source model's external files are copied over in chunks (never held in
-    memory whole); their old `external_data` entries go to `moved`.
+    memory whole); their old `external_data` entries go to `moved`, and those detached in `weights` get `moved`
+    entries without any (they return to detached).
     """
     with open(tmp_data, "xb") as f:
         streamed = [t for t in model.graph.initializer if uses_external_data(t)]
-        for t in [*_large_initializers(model, _MIN_EXTERNAL_BYTES), *streamed]:
+        inline = [t for t in model.graph.initializer
+                  if weights.detached(t) or t.HasField("raw_data") and t.ByteSize() >= _MIN_EXTERNAL_BYTES]
+        for t in [*inline, *streamed]:
             offset = -(-f.tell() // _ALIGN) * _ALIGN
             f.seek(offset)
             if uses_external_data(t):
                 moved[t.name] = [(e.key, e.value) for e in t.external_data]
                 length = _copy_external(t, source_dir, f)
                 del t.external_data[:]
+            elif weights.detached(t):
+                moved[t.name] = []
+                length = weights.copy_to(t.name, f)
             else:
                 data = payloads[t.name] = t.raw_data
                 f.write(data)
@@ -405,10 +715,13 @@ def _copy_external(t: onnx.TensorProto, source_dir: Path, out) -> int:
 
 
 def _restore_locations(model: onnx.ModelProto, moved: dict[str, list[tuple[str, str]]]) -> None:
-    """Point tensors copied by `_copy_external` back at the source model's files."""
+    """Point tensors copied by `_copy_external` back at the source model's files (or, with no entries, at none)."""
     for t in model.graph.initializer:
         if t.name in moved:
             del t.external_data[:]
+            if not moved[t.name]:
+                t.ClearField("data_location")
+                continue
             t.data_location = onnx.TensorProto.EXTERNAL
             for key, value in moved[t.name]:
                 t.external_data.add(key=key, value=value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +11,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from onnxq.errors import OnnxqError
-from onnxq.graph.io import restore_weights, strip_weights
+from onnxq.graph.io import Weights, restore_weights, strip_weights
 
 LINEAR_OPS = ("MatMul", "Gemm")
 _DEDUP_MIN_BYTES = 1024  # smaller 2-D constants are not worth comparing
@@ -65,10 +64,11 @@ def dedupe_weights(graph: onnx.GraphProto, names: Names | None = None) -> list[t
     return done
 
 
-def duplicate_candidates(model: onnx.ModelProto, folder: str | os.PathLike) -> set[str]:
-    """Initializers `dedupe_weights` would compare in full, found from a few elements each (inline data or external
-    files under `folder`, the model's folder), so a caller can load just those before `normalize`."""
-    probe = lambda t, flat: _file_probe(t, flat, Path(folder))  # noqa: E731
+def duplicate_candidates(model: onnx.ModelProto, folder: str | os.PathLike | Weights) -> set[str]:
+    """Initializers `dedupe_weights` would compare in full, found from a few elements each (inline data, external
+    files under `folder`, the model's folder, or `Weights`), so a caller can load just those before `normalize`."""
+    store = folder if isinstance(folder, Weights) else Weights(folder)
+    probe = lambda t, flat: _file_probe(t, flat, store)  # noqa: E731
     return {name for copy, kept, _ in _copies(model.graph, probe, lambda *_: True) for name in (copy, kept)}
 
 
@@ -136,14 +136,16 @@ def _loaded_probe(t: onnx.TensorProto, flat: np.ndarray) -> bytes | None:
     return None if not _loaded(t) else _bits(t).reshape(-1)[flat].tobytes()
 
 
-def _file_probe(t: onnx.TensorProto, flat: np.ndarray, folder: Path) -> bytes | None:
-    """Elements `flat` of a tensor, from the proto or from its external data file under `folder`."""
+def _file_probe(t: onnx.TensorProto, flat: np.ndarray, store: Weights) -> bytes | None:
+    """Elements `flat` of a tensor, from the proto, from `store` (detached) or from its external data file."""
+    size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    if store.detached(t):
+        return b"".join(store.read(t.name, int(i) * size, size) for i in flat)
     if not uses_external_data(t):
         return _loaded_probe(t, flat)
-    size = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     info = ExternalDataInfo(t)
     out = bytearray()
-    with open(folder / info.location, "rb") as f:
+    with open(store.folder / info.location, "rb") as f:
         for i in flat:
             f.seek((info.offset or 0) + int(i) * size)
             out += f.read(size)

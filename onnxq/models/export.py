@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import onnx
-
 from onnxq.errors import OnnxqError
 
 from .registry import REGISTRY, cache_dir, get, gguf_path
@@ -186,8 +184,10 @@ def resolve_model(spec: str | Path) -> Path:
 
 
 def _vocab_size(model_path: Path) -> int | None:
-    """Last dimension of the model's logits output, if static."""
-    model = onnx.load(str(model_path), load_external_data=False)
+    """Last dimension of the model's logits output, if static (read without the weights)."""
+    from ..graph.io import load_weightless
+
+    model = load_weightless(model_path)[0]
     dims = model.graph.output[0].type.tensor_type.shape.dim
     return dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
 

@@ -65,10 +65,17 @@ def _preload_cuda_libraries() -> None:
 
 
 def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, threads: int | None = None,
-                 disabled_optimizers: list[str] | None = None) -> ort.InferenceSession:
-    """An InferenceSession on `ep` for a model file or an in-memory ModelProto (with its weights loaded)."""
+                 disabled_optimizers: list[str] | None = None, arena: bool = True,
+                 initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """An InferenceSession on `ep` for a model file or an in-memory ModelProto (with its weights loaded). Without
+    `arena`, CPU memory goes back to the system after each run instead of staying with the session.
+    `initializers` give the data of the proto's initializers of those names (marked external here), copied once by
+    ORT instead of serialized with the proto."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
+    if initializers:
+        _external_initializers(model, initializers, options)
     if threads:
         options.intra_op_num_threads = threads
     kwargs = {"providers": providers_for(ep), "disabled_optimizers": disabled_optimizers}
@@ -89,6 +96,19 @@ def make_session(model: onnx.ModelProto | str | Path, ep: str = "cpu", *, thread
         what = "the model" if isinstance(model, onnx.ModelProto) else Path(model).name
         raise OnnxqError(f"ONNX Runtime cannot load {what} ({ort_message(err)}): check that it runs in float "
                          "(onnxq eval) or re-export it") from None
+
+
+def _external_initializers(model: onnx.ModelProto, arrays: dict[str, np.ndarray], options: ort.SessionOptions) -> None:
+    """Mark `model`'s initializers named in `arrays` as external data that `options` supplies from the arrays."""
+    for t in model.graph.initializer:
+        if t.name in arrays:
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="onnxq-memory")  # ORT takes the data from `options`, not a file
+    names = list(arrays)
+    options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arrays[n]))
+                                              for n in names])
 
 
 def _with_cache_dims(session: ort.InferenceSession, model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
