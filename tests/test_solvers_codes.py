@@ -91,3 +91,31 @@ def test_dead_output_row_keeps_its_codes():
     assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= spec.maxq
     assert torch.equal(res.codes[6], start.codes[6])  # head 1, row 2
     assert layer_loss(W, res.qweight, H, Ho, 2) <= layer_loss(W, start.qweight, H, Ho, 2) + 1e-9
+
+
+def _one_code_at_a_time(W, H, res, Ho, heads, sweeps, maxq):
+    """The coupled-row descent written plainly: every code in order, each to the grid point nearest its 1-D optimum
+    of tr(Ho dW H dWᵀ) with all other codes fixed (the reference for refine_codes' jump-ahead sweep)."""
+    C = res.codes.clone().to(DT).reshape(heads, -1, W.shape[1])
+    S, Z = (x.to(DT).repeat_interleave(W.shape[1] // x.shape[1], 1).reshape(heads, -1, W.shape[1]) for x in (res.scales, res.zeros))
+    Wh = W.reshape(heads, -1, W.shape[1])
+    for _ in range(sweeps):
+        for h, i, j in itertools.product(range(heads), range(C.shape[1]), range(W.shape[1])):
+            D = (C[h] - Z[h]) * S[h] - Wh[h]
+            grad = float((Ho[h] @ D @ H)[i, j])  # dL/dQ[i, j] / 2
+            curv = float(Ho[h, i, i] * H[j, j])
+            if curv > 0 and S[h, i, j] > 0:
+                C[h, i, j] = torch.clamp(torch.round(C[h, i, j] - grad / (curv * S[h, i, j])), 0, maxq)
+    return C.reshape(res.codes.shape).to(res.codes.dtype)
+
+
+def test_coupled_rows_sweep_matches_one_code_at_a_time():
+    """The H_out path skips ahead to each head's next moving column: it must take exactly the plain descent's steps."""
+    W, H, X = problem(71, rows=12, n=16)
+    A = torch.randn(3, 4, 4, dtype=DT)
+    Ho = A @ A.mT + 0.5 * torch.eye(4, dtype=DT)
+    spec = QuantSpec(2, 8, False)
+    start = solve_rtn(W, spec)
+    res = refine_codes(W, H, start, H_out=Ho, n_heads=3, sweeps=2)
+    assert not torch.equal(res.codes, start.codes)
+    assert torch.equal(res.codes, _one_code_at_a_time(W, H, start, Ho, 3, 2, spec.maxq))

@@ -37,15 +37,35 @@ def refine_codes(
                 M -= step[..., None] * Hb[:, j, None, :]
         else:  # rows of a head coupled through H_out: one code at a time, row by row, all heads at once
             for i in range(C.shape[1]):
-                t, hii = (H_out[:, i : i + 1] @ M)[:, 0], H_out[:, i, i]  # (H_out M)[i]
-                for j in range(n):
-                    step = _code_step(t[:, j], hii * dH[:, j], S[:, i, j], C[:, i, j], live[:, i, j] & (hii > 0),
-                                      spec.maxq)  # a dead output row (H_out[i, i] = 0) keeps its codes
-                    move = step[:, None] * Hb[:, j]
-                    M[:, i] -= move
-                    t -= hii[:, None] * move
+                _descend_row(M, i, H_out, Hb, dH, S[:, i], C[:, i], live[:, i], spec.maxq)
     codes = C.reshape(rows, n)
     return make_result(codes, result.scales, result.zeros, spec)
+
+
+def _descend_row(M: Tensor, i: int, H_out: Tensor, Hb: Tensor, dH: Tensor, s: Tensor, c: Tensor, live: Tensor,
+                 maxq: int) -> None:
+    """One sweep over row i of every head, column by column, as `_code_step` would take it. A column where a code
+    stays puts nothing in motion and heads are independent, so each pass moves every head to its own next column
+    where a code does move: exactly the same steps, in as many passes as the busiest head has moves."""
+    t, hii = (H_out[:, i : i + 1] @ M)[:, 0], H_out[:, i, i]  # (H_out M)[i], [h, n]
+    h, n = c.shape
+    live = live & (hii > 0)[:, None]  # a dead output row (H_out[i, i] = 0) keeps its codes
+    denom = torch.where(live, hii[:, None] * dH * s, 1)
+    heads, columns = torch.arange(h, device=c.device), torch.arange(n, device=c.device)
+    start = torch.zeros(h, dtype=torch.long, device=c.device)  # each head's next column to visit
+    while True:
+        new = torch.where(live, torch.clamp(torch.round(c + t / denom), 0, maxq), c)
+        moves = (new != c) & (columns >= start[:, None])
+        has = moves.any(1)
+        if not has.any():
+            return
+        k = moves.to(torch.uint8).argmax(1)  # first moving column per head
+        step = torch.where(has, (new[heads, k] - c[heads, k]) * s[heads, k], 0)
+        c[heads, k] = torch.where(has, new[heads, k], c[heads, k])
+        move = step[:, None] * Hb[heads if Hb.shape[0] > 1 else 0, k]
+        M[:, i] -= move
+        t -= hii[:, None] * move
+        start = torch.where(has, k + 1, n)
 
 
 def _code_step(t: Tensor, curv: Tensor, s: Tensor, c: Tensor, live: Tensor, maxq: int) -> Tensor:
