@@ -70,7 +70,8 @@ def run_onnxq(cfg: dict, model: str, out: str) -> dict:
         else:  # keep the recipe's record of the calibration consistent with the windows given
             fields.update(calib_windows=int(n), calib_seq_len=int(seq))
     rep = quantize(model, QuantRecipe(**fields), out, progress=False, windows=windows, ep=cfg.get("ep", "cpu"))
-    return {"calib_tokens": rep.calib_tokens, "calib_seconds": rep.calib_seconds, "solve_seconds": rep.solve_seconds}
+    return {"calib_tokens": rep.calib_tokens, "calib_seconds": rep.calib_seconds, "solve_seconds": rep.solve_seconds,
+            "helper_rss_mb": rep.helper_rss_mb}
 
 
 class _Arg:

@@ -424,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                     "is exported with past automatically)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default=os.environ.get("ONNXQ_BENCH_WORK", "/tmp/onnxq-bench"))
-    ap.add_argument("--only", default="", help="run only rows whose label contains this")
-    ap.add_argument("--skip", default="", help="skip rows whose label contains this")
+    ap.add_argument("--only", default="", help="run only rows whose label contains this (or one of these, comma-separated)")
+    ap.add_argument("--skip", default="", help="skip rows whose label contains this (or one of these, comma-separated)")
     ap.add_argument("--ep", default="cpu", help="execution provider for calibration, perplexity and latency (cpu, "
                     "cuda); off the CPU, each file's perplexity is also measured on the CPU EP")
     ap.add_argument("--device", choices=("cpu", "cuda"), help="torch device of onnxq's solvers (default: cuda with "
@@ -585,7 +585,8 @@ def _run(args) -> int:
     _print(rows[0])
     left = []
     wanted = set(opts["variants"])
-    picked = lambda name: not ((args.only and args.only not in name) or (args.skip and args.skip in name))  # noqa: E731
+    has = lambda name, parts: any(p in name for p in parts.split(",") if p)  # noqa: E731
+    picked = lambda name: not ((args.only and not has(name, args.only)) or has(name, args.skip))  # noqa: E731
     order = [rows[0]["label"]] + [label(cfg) for cfg in SUITES[args.suite]]  # the file keeps rows --skip leaves out
     head.setdefault("rows_planned", 1 + sum(picked(name) for name in order[1:]))  # a resumed run keeps its plan
     for i, cfg in enumerate(SUITES[args.suite]):
@@ -692,7 +693,7 @@ def header(args, opts, lat, model, past, windows, calib) -> dict:
         "solvers": f"onnxq's solvers on torch {args.device}",
         "quant_repeats": args.quant_repeats,
         "quant time": ("wall time of one run of the quantizer in its own process, model load and save included "
-                       "(not repeated); peak RSS of that process") if args.quant_repeats == 1 else (
+                       "(not repeated); peak RSS of that process, + that of its solver helper process where one ran") if args.quant_repeats == 1 else (
                        f"median [min–max] of {args.quant_repeats} runs of the quantizer, each in its own process, model "
                        "load and save included; peak RSS: median over the runs; every repeat must write a "
                        "byte-identical file"),
@@ -802,7 +803,7 @@ def table(rows: list[dict]) -> list[str]:
         d = "" if r is rows[0] else f"{r['ppl'] - fp:+.2f}"
         cells = [f"{r['label']}{marks(r, cpu)}", fmt, _num(r["ppl"])] + [_num(r.get("ppl_cpu_ep"))] * cross + [
             d, _num(r.get("bpw"), "{:.3f}"), _num(r.get("size_mb"), "{:.1f}"), _time_cell(r),
-            _num(r.get("peak_rss_mb"), "{:.0f}"), *lat]
+            _num(r.get("peak_rss_mb"), "{:.0f}") + (f" + {r['helper_rss_mb']:.0f}" if r.get("helper_rss_mb") else ""), *lat]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

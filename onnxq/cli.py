@@ -193,7 +193,7 @@ def quantize(
     console.print(
         f"wrote {qrep.output}: {qrep.layers} layers, {qrep.calib_tokens} calibration tokens, "
         f"{qrep.total_seconds} s ({qrep.calib_seconds} s calibration, {qrep.solve_seconds} s solve), "
-        f"peak RSS {qrep.peak_rss_mb:.0f} MiB"
+        f"peak RSS {qrep.peak_rss_mb:.0f} MiB" + (f" (+ {qrep.helper_rss_mb:.0f} MiB solver helper)" if qrep.helper_rss_mb else "")
     )
     if calib_file and qrep.calib_text:
         save_text(calib_file, qrep.calib_text)

@@ -20,7 +20,7 @@ from .calibrate.stats import Covariance
 from .errors import OnnxqError
 from .graph.io import read_array
 from .recipe import QuantRecipe
-from .solve.dispatch import solve_layer
+from .solve.dispatch import helper_peak_rss_mb, solve_layer
 from .solve.loop import BlockLoop, Solved, compact, set_mmap_threshold, trim_heap
 from .solvers import QuantResult
 
@@ -41,12 +41,13 @@ class QuantReport:
     calib_seconds: float
     solve_seconds: float
     total_seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # this process
     layer_losses: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     deploy: dict = field(default_factory=dict)  # what the generation-ready folder holds (empty for a .onnx file)
     calib_generation_seconds: float = 0.0  # --calib self: sampling the windows from the float model (in total_seconds)
     allocation: dict = field(default_factory=dict)  # --size-mb / --bpw: budget, predicted size, formats chosen
+    helper_rss_mb: float = 0.0  # the largest solver helper process (onnxq.solve.dispatch), peak since it started
     calib_text: str = ""  # --calib self: the sampled windows decoded, for reading (onnxq.calibrate.selfcalib.windows_text)
 
     def to_dict(self) -> dict:
@@ -191,6 +192,7 @@ def quantize(
         solve_seconds=round(solved.solve_s, 2),
         total_seconds=round(time.perf_counter() - t0, 2),
         peak_rss_mb=round(_peak_rss_mb(), 1),
+        helper_rss_mb=round(helper_peak_rss_mb(), 1),
         layer_losses=losses,
         notes=solved.notes,
         deploy=written,

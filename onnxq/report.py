@@ -60,7 +60,9 @@ class EvalReport:
             q = self.quantize
             extra.append(
                 f"Quantization: {q.get('total_seconds')} s total ({q.get('calib_seconds')} s calibration, "
-                f"{q.get('solve_seconds')} s solve), peak RSS {q.get('peak_rss_mb')} MiB, {q.get('calib_tokens')} calibration tokens."
+                f"{q.get('solve_seconds')} s solve), peak RSS {q.get('peak_rss_mb')} MiB"
+                + (f" (+ {q['helper_rss_mb']} MiB solver helper)" if q.get("helper_rss_mb") else "")
+                + f", {q.get('calib_tokens')} calibration tokens."
             )
         return "\n".join([head, "", *rows, "", *extra]) + "\n"
 

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -144,6 +145,16 @@ def _helpers(n: int) -> list[_Helper]:
         except OSError:
             break
     return _HELPERS[:n]
+
+
+def helper_peak_rss_mb() -> float:
+    """Largest peak resident set size (MiB) of the live helper processes since they started; 0 without any."""
+    peaks = [0.0]
+    for h in _HELPERS:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            status = Path(f"/proc/{h.proc.pid}/status").read_text()
+            peaks.append(int(status.split("VmHWM:")[1].split()[0]) / 1024)
+    return max(peaks)
 
 
 @atexit.register
