@@ -24,6 +24,7 @@ from ..solvers import (
     solve_gptq, solve_rtn, solve_turboboa,
 )
 from ..calibrate.stats import Covariance
+from .heap import trim_heap
 
 
 UP_ROWS_PER_BLOCK = 128  # up_proj under its MLP row Hessian (d_ff rows, one head)
@@ -92,9 +93,10 @@ def solve_block(layers: list[LinearLayer], weights: list[torch.Tensor], stats: B
             todo.clear()  # the other lanes stop after their current layer
             raise
 
-    with _one_thread(weights[0].device), ThreadPoolExecutor(lanes, thread_name_prefix="onnxq-solve") as pool:
-        futures = [pool.submit(lane, None)] + [pool.submit(lane, h) for h in helpers]
+    with _one_thread(weights[0].device), ThreadPoolExecutor(max(1, len(helpers)), thread_name_prefix="onnxq-solve") as pool:
+        futures = [pool.submit(lane, h) for h in helpers]  # threads that only feed the helper processes
         try:
+            lane(None)  # here, not in a pool thread: a thread's own malloc arena fragments (+400 MB on SmolLM2)
             for f in futures:
                 f.result()
         finally:
@@ -171,6 +173,8 @@ def solve_layer(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, r
             return _solve(layer, W, stats, recipe)
         except OnnxqError as err:
             raise OnnxqError(f"layer {layer.node}: {err}") from None
+        finally:
+            trim_heap()  # the solver's temporaries fragment the heap: +100-400 MB a block on SmolLM2 without this
 
 
 def loss_hessian(cov: Covariance, recipe: QuantRecipe, device: torch.device) -> torch.Tensor:

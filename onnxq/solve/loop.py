@@ -1,7 +1,6 @@
 """The block loop: calibrate and solve a model block by block on ORT, block ℓ+1 seeing block ℓ quantized."""
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -24,9 +23,11 @@ from ..recipe import QuantRecipe
 from ..solvers import QuantResult, layer_loss, up_row_hessian, value_row_hessian
 from .block_tune import tune_block
 from .dispatch import BlockStats, loss_hessian, solve_block, solve_layer
+from .heap import CALIB_MMAP, SOLVE_MMAP, set_mmap_threshold, trim_heap
 from .torch_graph import TorchGraph
 
 BATCH = 4  # calibration windows per ORT run
+_MMAP = {"calib": CALIB_MMAP, "solve": SOLVE_MMAP}  # by phase (`_phase`)
 
 
 @dataclass
@@ -313,36 +314,3 @@ def compact(res: QuantResult) -> QuantResult:
     return replace(res, qweight=torch.empty(0), codes=res.codes.to(torch.uint8).cpu(), scales=res.scales.cpu(),
                    zeros=res.zeros.cpu(), bias=None if res.bias is None else res.bias.cpu())
 
-
-_MMAP = {"calib": 2 << 20, "solve": 8 << 20}  # bytes from which allocations are mmapped, by phase (`_phase`)
-
-
-def set_mmap_threshold(nbytes: int) -> None:
-    """Have glibc serve allocations from `nbytes` up with mmap, so freeing them returns them to the OS at once.
-    By default glibc raises that threshold to the largest block freed (up to 32 MB) and serves later blocks below it
-    from a heap that fragments: activations of a few MB cost 400 MB resident on SmolLM2 TurboBoA. Low thresholds
-    slow the solvers (a TurboBoA layer: +45% at 1-2 MB, +17% at 4 MB, none measurable at 8 MB). Process-wide; a
-    no-op elsewhere."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-
-
-def trim_heap() -> None:
-    """Return freed heap memory to the OS (glibc keeps freed blocks of a few MB cached; without this, resident
-    memory creeps up by about a block's weights per block on large models). A no-op elsewhere."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    """glibc, or None where there is none."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None

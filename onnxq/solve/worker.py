@@ -19,8 +19,10 @@ def main() -> None:
     import torch
 
     from onnxq.solve.dispatch import solve_layer
+    from onnxq.solve.heap import SOLVE_MMAP, set_mmap_threshold, trim_heap
 
     torch.set_num_threads(1)
+    set_mmap_threshold(SOLVE_MMAP)
     requests = sys.stdin.buffer
     while True:
         try:
@@ -33,6 +35,8 @@ def main() -> None:
             reply = (False, err)
         pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
         replies.flush()
+        del args, reply
+        trim_heap()  # this layer's problem and result too (solve_layer trims its temporaries)
 
 
 if __name__ == "__main__":
