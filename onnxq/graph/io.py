@@ -514,6 +514,9 @@ def read_array(tensor: onnx.TensorProto, folder: str | os.PathLike | Weights) ->
     store = folder if isinstance(folder, Weights) else Weights(folder)
     if not uses_external_data(tensor) and not store.detached(tensor):
         return numpy_helper.to_array(tensor)
+    array = store.array(tensor)  # one read into the array, for the element types numpy stores as ONNX does
+    if array is not None:
+        return array if array.flags.writeable else array.copy()
     loaded = onnx.TensorProto()
     loaded.CopyFrom(tensor)  # no payload to copy: the data is on disk or in the store
     load_tensor_data([loaded], store)
