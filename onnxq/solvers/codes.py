@@ -54,7 +54,7 @@ def _descend_row(M: Tensor, i: int, H_out: Tensor, Hb: Tensor, dH: Tensor, s: Te
     heads, columns = torch.arange(h, device=c.device), torch.arange(n, device=c.device)
     start = torch.zeros(h, dtype=torch.long, device=c.device)  # each head's next column to visit
     while True:
-        new = torch.where(live, torch.clamp(torch.round(c + t / denom), 0, maxq), c)
+        new = _nearest(c, t, denom, live, maxq)
         moves = (new != c) & (columns >= start[:, None])
         has = moves.any(1)
         if not has.any():
@@ -70,8 +70,12 @@ def _descend_row(M: Tensor, i: int, H_out: Tensor, Hb: Tensor, dH: Tensor, s: Te
 
 def _code_step(t: Tensor, curv: Tensor, s: Tensor, c: Tensor, live: Tensor, maxq: int) -> Tensor:
     """Move codes c (in place) to the grid point nearest c + t / (curv s); return the weight change s * dc."""
-    target = c + t / torch.where(live, curv * s, 1)
-    new = torch.where(live, torch.clamp(torch.round(target), 0, maxq), c)
+    new = _nearest(c, t, torch.where(live, curv * s, 1), live, maxq)
     step = (new - c) * s
     c.copy_(new)
     return step
+
+
+def _nearest(c: Tensor, t: Tensor, denom: Tensor, live: Tensor, maxq: int) -> Tensor:
+    """The grid point nearest c + t / denom where `live`, else c (codes stay)."""
+    return torch.where(live, torch.clamp(torch.round(c + t / denom), 0, maxq), c)
