@@ -244,10 +244,14 @@ class Weights:
             if length is not None and length != data.nbytes:
                 raise OnnxqError(f"tensor {t.name!r} holds {length} bytes, its shape {list(t.dims)} needs "
                                  f"{data.nbytes}: re-export the model")
-            with open(file, "rb") as f:
-                f.seek(offset)
-                if f.readinto(memoryview(data).cast("B")) != data.nbytes:
-                    raise OnnxqError(f"{Path(file).name} ends inside tensor {t.name!r}: the file is truncated")
+            try:
+                with open(file, "rb") as f:
+                    f.seek(offset)
+                    complete = f.readinto(memoryview(data).cast("B")) == data.nbytes
+            except OSError as err:
+                raise OnnxqError(f"cannot read the data of tensor {t.name!r}: {one_line(err)}") from None
+            if not complete:
+                raise OnnxqError(f"{Path(file).name} ends inside tensor {t.name!r}: the file is truncated")
         if data.size != count:
             raise OnnxqError(f"tensor {t.name!r} holds {data.nbytes} bytes, its shape {list(t.dims)} needs "
                              f"{count * dtype.itemsize}: re-export the model")
