@@ -80,10 +80,11 @@ def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tenso
     return scale * (code - zero), code
 
 
-def quant_error(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
-    """fake_quant(w, scale, zero, maxq)[0] - w, the same operations in place (the grid searches' inner loop)."""
+def quant_error(w: Tensor, scale: Tensor, zero: Tensor, maxq: int, out: Tensor | None = None) -> Tensor:
+    """fake_quant(w, scale, zero, maxq)[0] - w, the same operations in place (the grid searches' inner loop), into
+    `out` if given (a reused buffer: fresh multi-MB temporaries per candidate fragment the heap by hundreds of MB)."""
     whole = torch.round(zero)
-    code = w / scale
+    code = torch.div(w, scale, out=out)
     return code.add_(zero - whole).round_().add_(whole).clamp_(0, maxq).sub_(zero).mul_(scale).sub_(w)
 
 
@@ -134,9 +135,9 @@ def _best(Wg: Tensor, valid: Tensor, candidates, score, maxq: int) -> tuple[Tens
     """Per (row, group) of Wg, the first (scale, zero) among `candidates` with the lowest score(delta) on real columns
     (score may overwrite delta)."""
     best = S = Z = None
-    padding = ~valid
+    padding, delta = ~valid, torch.empty_like(Wg)
     for s, z in candidates:
-        err = score(quant_error(Wg, s[..., None], z[..., None], maxq).masked_fill_(padding, 0))
+        err = score(quant_error(Wg, s[..., None], z[..., None], maxq, out=delta).masked_fill_(padding, 0))
         if best is None:
             best, S, Z = err, s, z
             continue
@@ -174,7 +175,7 @@ def hessian_weighted_grid(
     Hb = _hessian_blocks(H.to(W), spec.width(W.shape[-1]))
     rnds = [None] if spec.sym or spec.float_zero else [torch.floor, torch.ceil]
     cands = [(1 - k / 100, r) for k in range(n_shrink) for r in rnds]
-    full = lambda d: (torch.einsum("...rgi,...gij->...rgj", d, Hb) * d).sum(-1)  # noqa: E731
+    full = lambda d: torch.einsum("...rgi,...gij->...rgj", d, Hb).mul_(d).sum(-1)  # noqa: E731
     if top_k is None or top_k >= len(cands):
         return _search(W, spec, cands, full)
     diag = Hb.diagonal(dim1=-2, dim2=-1)[..., None, :, :]  # [..., 1, G, gs] broadcast over rows
@@ -182,10 +183,10 @@ def hessian_weighted_grid(
     Wg, valid = _grouped(W, gs), _valid(W.shape[-1], gs, W.device)
     lo, hi = _ranges(Wg, spec, valid)
     shrinks = [1 - k / 100 for k in range(n_shrink)]
-    cheap = torch.stack([  # rank shrink factors by the diagonal score with a rounded zero point
-        (quant_error(Wg, s[..., None], z[..., None], spec.maxq).square_() * diag).sum(-1)
-        for s, z in (_candidate(lo, hi, p, spec, torch.round) for p in shrinks)
-    ])
+    cheap, delta = Wg.new_empty(len(shrinks), *lo.shape), torch.empty_like(Wg)
+    for i, p in enumerate(shrinks):  # rank shrink factors by the diagonal score with a rounded zero point
+        s, z = _candidate(lo, hi, p, spec, torch.round)
+        torch.sum(quant_error(Wg, s[..., None], z[..., None], spec.maxq, out=delta).square_().mul_(diag), -1, out=cheap[i])
     keep = max(1, top_k // len(rnds))
     idx = cheap.topk(keep, dim=0, largest=False).indices.sort(dim=0).values  # [keep, ..., r, G], candidate order
     p_all = torch.tensor(shrinks, dtype=W.dtype, device=W.device)
