@@ -22,7 +22,7 @@ from .graph.io import read_array
 from .recipe import QuantRecipe
 from .solve.dispatch import helper_peak_rss_mb, solve_layer
 from .solve.heap import CALIB_MMAP, set_mmap_threshold, trim_heap
-from .solve.loop import BlockLoop, Solved, compact
+from .solve.loop import GROUP, BlockLoop, Solved, compact
 from .solvers import QuantResult
 
 
@@ -272,12 +272,12 @@ def _sensitivity(proto: onnx.ModelProto, in_blocks: list[LinearLayer], windows: 
     if cached.is_file():
         return pickle.loads(cached.read_bytes())
     runner = BlockRunner(proto, partition(proto), ep=ep, folder=folder)
-    envs = runner.start([windows[i : i + 4] for i in range(0, len(windows), 4)])
+    envs = runner.start([windows[i : i + 1] for i in range(len(windows))])
     losses = {}
     for b in tqdm(range(len(runner.blocks)), desc="sensitivity", disable=not progress, unit="block"):
         todo = [l for l in in_blocks if l.block == b]
         cov = {l.input: Covariance(l.k, device=recipe.device) for l in todo}
-        for cap in runner.run(b, envs, capture=list(cov)):
+        for cap in runner.run(b, envs, capture=list(cov), group=GROUP):
             for name, c in cov.items():
                 c.add(cap[name])
         for l in todo:

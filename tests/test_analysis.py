@@ -78,6 +78,30 @@ def test_block_runner_on_weights_left_in_the_file_runs_the_same(llama, tmp_path)
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+def test_block_runner_one_window_at_a_time_stacks_to_the_batched_run(llama):
+    """ORT runs one window at a time, captures joined 4 at a time (attention rows cut to those sampled): the same
+    arrays, bit for bit, as runs of 4 windows at once; and the environments stacked for block tuning too."""
+    runner = BlockRunner(llama, partition(llama))
+    a = attention_blocks(llama)[1]
+    capture = [a.q_tensor, a.probs, a.v_input]
+    rows = {a.probs: slice(3, None, 4)}
+    ids = np.random.default_rng(0).integers(0, 256, size=(6, 12)).astype(np.int64)
+    batched, single = runner.start([ids[:4], ids[4:]]), runner.start([ids[i : i + 1] for i in range(6)])
+    for _ in runner.run(0, batched):
+        pass
+    for _ in runner.run(0, single):
+        pass
+    whole = list(runner.run(1, batched, capture=capture))
+    joined = list(runner.run(1, single, capture=capture, group=4, rows=rows))
+    assert [j[a.probs].shape[:3] for j in joined] == [(4, 4, 3), (2, 4, 3)]
+    for w, j in zip(whole, joined):
+        np.testing.assert_array_equal(w[a.q_tensor], j[a.q_tensor])
+        np.testing.assert_array_equal(w[a.probs][:, :, 3::4], j[a.probs])
+    feeds = runner.stacked(single, runner.blocks[1].outputs, 4)
+    for env, feed in zip(batched, feeds):
+        np.testing.assert_array_equal(env[runner.blocks[1].outputs[0]], feed[runner.blocks[1].outputs[0]])
+
+
 def test_gpt2_fused_qkv(tmp_path):
     model = normalize(onnx.load(tiny_gpt2_onnx(tmp_path)))
     att = attention_blocks(model)

@@ -37,8 +37,16 @@ class AttentionStats:
             names += [a.probs, a.v_input]
         return [n for n in names if n]
 
+    def capture_rows(self) -> dict[str, slice]:
+        """Captured tensors of which `add` reads only some rows of axis 2 (query positions), and those rows."""
+        return {self.attn.probs: self._query_rows()} if self.block_v else {}
+
+    def _query_rows(self) -> slice:
+        return slice(self.query_stride - 1, None, self.query_stride)
+
     def add(self, cap: dict[str, np.ndarray], cap_fp: dict[str, np.ndarray] | None = None) -> None:
-        """Add one batch of captured tensors (and the float stream's, for the V residual term)."""
+        """Add one batch of captured tensors (and the float stream's, for the V residual term); the attention
+        probabilities whole or already cut to `capture_rows`."""
         a = self.attn
         q = _t(cap[a.q_tensor], self.device)  # [B, H, T, d]
         k = _t(cap[a.k_tensor], self.device)  # [B, H, d, T]
@@ -51,15 +59,19 @@ class AttentionStats:
             self.cos = _t(cap[a.cos], self.device).reshape(-1, cap[a.cos].shape[-2], cap[a.cos].shape[-1])[0]
             self.sin = _t(cap[a.sin], self.device).reshape(-1, cap[a.sin].shape[-2], cap[a.sin].shape[-1])[0]
         if self.block_v:
-            rows = slice(self.query_stride - 1, None, self.query_stride)
-            y = torch.einsum("bhts,bsd->bhtd", _t(cap[a.probs][:, :, rows], self.device), _t(cap[a.v_input], self.device))
+            y = torch.einsum("bhts,bsd->bhtd", self._probs(cap, q.shape[2]), _t(cap[a.v_input], self.device))
             hv = torch.einsum("bhtd,bhte->hde", y, y)
             self.hv = hv if self.hv is None else self.hv + hv
             if self.residual and cap_fp is not None:
-                yf = torch.einsum("bhts,bsd->bhtd", _t(cap_fp[a.probs][:, :, rows], self.device), _t(cap_fp[a.v_input], self.device))
+                yf = torch.einsum("bhts,bsd->bhtd", self._probs(cap_fp, q.shape[2]), _t(cap_fp[a.v_input], self.device))
                 dv = torch.einsum("bhtd,bhte->hde", yf - y, y)
                 self.dv = dv if self.dv is None else self.dv + dv
             self.v_rows += y.shape[0] * y.shape[2]
+
+    def _probs(self, cap: dict[str, np.ndarray], queries: int) -> torch.Tensor:
+        """The sampled query rows of the captured attention probabilities [B, H, T, S] (cut here unless already cut)."""
+        probs = cap[self.attn.probs]
+        return _t(probs[:, :, self._query_rows()] if probs.shape[2] == queries else probs, self.device)
 
     def row_hessians(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(H_out of Q per query head, H_out of K per KV head): de-rotated, position-averaged covariances."""

@@ -33,6 +33,7 @@ class BlockRunner:
         self.types = tensor_types(model)
         self.stem, self.blocks = split_model(model, part)
         self.head = [model.graph.node[i] for i in part.head]
+        self.shared = _input_free(self.stem, {i.name for i in model.graph.input})  # the same in every environment
 
     def start(self, batches: list[np.ndarray]) -> list[Env]:
         """Run the stem on each token batch [B, T]; returns one environment of live tensors per batch."""
@@ -55,8 +56,11 @@ class BlockRunner:
         weights: dict[str, np.ndarray] | None = None,
         biases: dict[str, np.ndarray] | None = None,
         advance: bool = True,
+        group: int = 1,
+        rows: dict[str, slice] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Run block `index` on every environment, yielding the captured tensors per batch.
+        """Run block `index` on every environment, yielding the captured tensors `group` environments at a time
+        (`stack`; `rows` keeps only some rows of axis 2 of the tensors it names).
 
         With `advance`, each environment is updated in place with the block's outputs (the next block's
         inputs); tensors no later piece reads are dropped. `weights` overrides initializers by name; `biases` (node
@@ -67,20 +71,26 @@ class BlockRunner:
         session = self._session(sub, extra=extra, weights=weights, biases=biases)
         names = list(dict.fromkeys(sub.outputs + [c for c in capture if c not in sub.inputs]))
         keep = self._live_after(index) | set(sub.outputs)
-        for env in envs:
-            feeds = {k: env[k] for k in sub.inputs}
-            outs = dict(zip(names, _run(session, names, feeds, f"decoder block {index}")))
-            outs.update({k: feeds[k] for k in capture if k in feeds})
-            yield {k: outs[k] for k in capture}
-            if advance:
-                env.update({k: outs[k] for k in sub.outputs})
-                for k in [k for k in env if k not in keep]:
-                    del env[k]
-            del feeds, outs  # not alive during the next batch's run
 
-    def run_head(self, envs: list[Env], capture: list[str]) -> Iterator[dict[str, np.ndarray]]:
+        def each() -> Iterator[dict[str, np.ndarray]]:
+            for env in envs:
+                feeds = {k: env[k] for k in sub.inputs}
+                outs = dict(zip(names, _run(session, names, feeds, f"decoder block {index}")))
+                outs.update({k: feeds[k] for k in capture if k in feeds})
+                captured = {k: outs[k] for k in capture}
+                if advance:
+                    env.update({k: outs[k] for k in sub.outputs})
+                    for k in [k for k in env if k not in keep]:
+                        del env[k]
+                del feeds, outs  # not alive during the next window's run
+                yield captured
+                del captured
+
+        yield from stack(each(), len(envs), group, rows)
+
+    def run_head(self, envs: list[Env], capture: list[str], *, group: int = 1) -> Iterator[dict[str, np.ndarray]]:
         """Run only the head nodes that `capture` depends on (e.g. the final norm before the LM head) on every
-        environment left by the last block; yields the captured tensors per batch."""
+        environment left by the last block; yields the captured tensors `group` environments at a time."""
         produced = {o: n for n in self.head for o in n.output}
         todo, need = [], list(capture)
         while need:
@@ -90,15 +100,22 @@ class BlockRunner:
                 need.extend(t for t in node.input if t)
         nodes = [n for n in self.head if any(n is m for m in todo)]
         if not nodes:  # the captured tensors are the last block's outputs themselves
-            yield from ({k: env[k] for k in capture} for env in envs)
+            yield from stack(({k: env[k] for k in capture} for env in envs), len(envs), group)
             return
         made = {o for n in nodes for o in n.output}
         inits = {t.name for t in self.model.graph.initializer}
         reads = list(dict.fromkeys(t for n in nodes for t in n.input if t and t not in made and t not in inits))
         sub = SubModel(nodes, reads, list(capture), sorted({t for n in nodes for t in n.input if t in inits}))
         session = self._session(sub)
-        for env in envs:
-            yield dict(zip(capture, _run(session, list(capture), {k: env[k] for k in reads}, "the head")))
+        each = (dict(zip(capture, _run(session, list(capture), {k: env[k] for k in reads}, "the head"))) for env in envs)
+        yield from stack(each, len(envs), group)
+
+    def stacked(self, envs: list[Env], names: list[str], group: int) -> list[Env]:
+        """`names` of the environments joined along axis 0, `group` environments at a time (weights passed between
+        pieces once): the batches one ORT run of the group's windows would have had."""
+        shared = [k for k in names if k in self.shared]
+        joined = stack(({k: env[k] for k in names if k not in self.shared} for env in envs), len(envs), group)
+        return [{**g, **{k: envs[0][k] for k in shared}} for g in joined]
 
     def piece(self, index: int) -> onnx.ModelProto:
         """Block `index` as a standalone model with its float weights."""
@@ -140,6 +157,35 @@ class BlockRunner:
         if load and self.folder is not None:  # only this piece's weights are read into memory
             load_tensor_data(piece.graph.initializer, self.folder)
         return piece
+
+
+def _input_free(stem: SubModel, inputs: set[str]) -> set[str]:
+    """Outputs of the stem that no graph input reaches (weights handed on to the blocks): one value for every window."""
+    reached = set(inputs)
+    for node in stem.nodes:  # in graph order
+        if reached.intersection(node.input):
+            reached.update(node.output)
+    return set(stem.outputs) - reached
+
+
+def stack(tensors: Iterator[Env], count: int, group: int, rows: dict[str, slice] | None = None) -> Iterator[Env]:
+    """The `count` dicts of `tensors` (one per environment) joined along axis 0, `group` at a time (the last group may
+    be smaller); of the tensors `rows` names, only those rows of axis 2 (e.g. the attention rows a statistic samples).
+    Statistics summed over a group equal those of one ONNX Runtime run of the group's windows, bit for bit, at a
+    fraction of the memory: ORT's outputs for a window do not depend on the batch around it."""
+    rows = rows or {}
+    if group == 1 and not rows:
+        yield from tensors
+        return
+    for start in range(0, count, group):
+        size, out = min(group, count - start), {}
+        for i in range(size):
+            for k, v in next(tensors).items():
+                v = v[:, :, rows[k]] if k in rows else v
+                if k not in out:
+                    out[k] = np.empty((size * v.shape[0], *v.shape[1:]), v.dtype)
+                out[k][i * v.shape[0] : (i + 1) * v.shape[0]] = v
+        yield out
 
 
 def with_output_bias(piece: onnx.ModelProto, biases: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -26,7 +26,7 @@ from .dispatch import BlockStats, loss_hessian, solve_block, solve_layer
 from .heap import CALIB_MMAP, SOLVE_MMAP, set_mmap_threshold, trim_heap
 from .torch_graph import TorchGraph
 
-BATCH = 4  # calibration windows per ORT run
+GROUP = 4  # calibration windows per statistics update (ORT runs one window at a time: memory, not results)
 _MMAP = {"calib": CALIB_MMAP, "solve": SOLVE_MMAP}  # by phase (`_phase`)
 
 
@@ -73,7 +73,7 @@ class BlockLoop:
         self.residual = recipe.algo == "turboboa" and recipe.error_correction  # statistics read the float stream
         tuned = recipe.block_tune > 0 and recipe.block_tune_alpha > 0  # block tuning's target reads it
         set_mmap_threshold(_MMAP["calib"])
-        self.quant = self.runner.start([windows[i : i + BATCH] for i in range(0, len(windows), BATCH)])
+        self.quant = self.runner.start([windows[i : i + 1] for i in range(len(windows))])  # one window each
         self.float = [dict(e) for e in self.quant] if self.residual or tuned else None
         self.float_at = 0  # the block whose inputs the float stream holds
         self.bar = None
@@ -149,8 +149,9 @@ class BlockLoop:
             piece = self.runner.piece(block.index)
             reference = TorchGraph(piece)  # the float block has no mean-correcting biases (TorchGraph copies weights)
             graph = TorchGraph(with_output_bias(piece, block.biases)) if block.biases else reference
-            feeds = [{k: env[k] for k in graph.inputs} for env in self.quant]
-            target = [[env[k] for k in graph.outputs] for env in self.float] if recipe.block_tune_alpha else None
+            feeds = self.runner.stacked(self.quant, graph.inputs, GROUP)
+            target = ([[g[k] for k in graph.outputs] for g in self.runner.stacked(self.float, graph.outputs, GROUP)]
+                      if recipe.block_tune_alpha else None)
             tuned, _, _ = tune_block(graph, feeds, {l.weight: block.full[l.node] for l in block.layers},
                                      reference=reference, float_outputs=target, alpha=recipe.block_tune_alpha,
                                      epochs=recipe.block_tune, seed=recipe.seed)
@@ -171,7 +172,7 @@ class BlockLoop:
         with self._phase("calib"):
             stats = BlockStats()
             stats.cov = {l.input: Covariance(l.k, device=recipe.device) for l in head}
-            for cap in self.runner.run_head(self.quant, list(stats.cov)):
+            for cap in self.runner.run_head(self.quant, list(stats.cov), group=GROUP):
                 for name, cov in stats.cov.items():
                     cov.add(cap[name])
         with self._phase("solve"):
@@ -195,11 +196,13 @@ class BlockLoop:
         stats, accs = _empty_stats(todo, attn, mlps, self.recipe.device, self.residual)
         wanted = list(stats.cov) + [n for acc in accs for n in acc.capture_names()] + list(stats.acts)
         capture = list(dict.fromkeys(wanted))
-        q_iter = self.runner.run(b, self.quant, capture=capture, weights=weights, biases=biases, advance=False)
+        rows = {k: v for acc in accs for k, v in acc.capture_rows().items()}
+        q_iter = self.runner.run(b, self.quant, capture=capture, weights=weights, biases=biases, advance=False,
+                                 group=GROUP, rows=rows)
         f_iter = None
         if self.residual:
             move = not self.recipe.true_sequential  # re-collections would need the float stream at the block's inputs
-            f_iter = self.runner.run(b, self.float, capture=capture, advance=move)
+            f_iter = self.runner.run(b, self.float, capture=capture, advance=move, group=GROUP, rows=rows)
             self.float_at = b + 1 if move else self.float_at
         for cap in q_iter:
             cap_fp = next(f_iter) if f_iter is not None else {}
