@@ -22,8 +22,7 @@ from .graph.io import read_array
 from .recipe import QuantRecipe
 from .solve.dispatch import helper_peak_rss_mb, solve_layer
 from .solve.heap import CALIB_MMAP, set_mmap_threshold, trim_heap
-from .solve.loop import GROUP, BlockLoop, Solved, compact
-from .solvers import QuantResult
+from .solve.loop import GROUP, BlockLoop, Kept, Solved, compact
 
 
 NODE_BYTES = 480  # graph bytes one MatMul -> MatMulNBits rewrite adds (node, attributes, three or four initializer
@@ -352,11 +351,11 @@ def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe:
     return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "float_build": str(build), **written}
 
 
-def _quantized_weight(r: QuantResult):
+def _quantized_weight(r: Kept):
     """A solved layer as the rewrite's QuantizedWeight (rows = output channels)."""
     from .formats.rewrite import QuantizedWeight
 
-    return QuantizedWeight(codes=r.codes.cpu().numpy(), scales=r.scales.float().cpu().numpy(),
+    return QuantizedWeight(codes=r.unpacked().numpy(), scales=r.scales.float().cpu().numpy(),
                            zeros=None if r.sym else r.zeros.cpu().numpy(), bits=r.bits, group_size=r.group_size)
 
 

@@ -72,3 +72,18 @@ def test_subbyte_tensors_read_back_by_onnx(data_type, bits, lo, hi):
 def test_bad_bit_width():
     with pytest.raises(ValueError, match="3-bit"):
         pack_bits(np.zeros(4, int), 3)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [7, 64])
+def test_kept_results_hold_codes_two_to_a_byte(bits, k):
+    """A solved layer kept for the rewrite gives back its codes exactly, in half the bytes up to 4 bits."""
+    import torch
+
+    from onnxq.solve.loop import compact
+    from onnxq.solvers import QuantResult
+
+    codes = torch.randint(0, 1 << bits, (5, k), dtype=torch.int32, generator=torch.Generator().manual_seed(bits))
+    kept = compact(QuantResult(torch.zeros(5, k), codes, torch.ones(5, 1), torch.zeros(5, 1, dtype=torch.int32), bits, -1, False))
+    assert torch.equal(kept.unpacked().int(), codes)
+    assert kept.codes.numel() == (5 * -(-k // 2) if bits <= 4 else 5 * k)

@@ -34,7 +34,7 @@ _MMAP = {"calib": CALIB_MMAP, "solve": SOLVE_MMAP}  # by phase (`_phase`)
 class Solved:
     """What the solve produces: compact results and layer losses by node, and where the time went."""
 
-    results: dict = field(default_factory=dict)
+    results: dict[str, Kept] = field(default_factory=dict)
     losses: dict[str, float] = field(default_factory=dict)
     calib_s: float = 0.0
     solve_s: float = 0.0
@@ -312,8 +312,32 @@ def _up_rows(proto: onnx.ModelProto, mlps: list[GatedMlp], stats: BlockStats, re
     return out
 
 
-def compact(res: QuantResult) -> QuantResult:
-    """A QuantResult holding only what the rewrite needs: codes as uint8 (bits <= 8), no fake-quant weight."""
-    return replace(res, qweight=torch.empty(0), codes=res.codes.to(torch.uint8).cpu(), scales=res.scales.cpu(),
-                   zeros=res.zeros.cpu(), bias=None if res.bias is None else res.bias.cpu())
+@dataclass
+class Kept:
+    """A solved layer as kept for the rewrite: its codes two to a byte where they fit in 4 bits, grids, output bias."""
 
+    codes: torch.Tensor  # uint8 [N, ceil(K/2)], column 2j in the low nibble (bits <= 4); else [N, K]
+    k: int
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    bias: torch.Tensor | None
+
+    def unpacked(self) -> torch.Tensor:
+        """The codes [N, K] as uint8."""
+        if self.bits > 4:
+            return self.codes
+        return torch.stack((self.codes & 15, self.codes >> 4), -1).flatten(1)[:, : self.k]
+
+
+def compact(res: QuantResult) -> Kept:
+    """What the rewrite needs of `res`, small and on the CPU: no fake-quant weight, codes two to a byte (bits <= 4;
+    the codes of 4-bit SmolLM2 are 101 MiB as bytes)."""
+    codes = res.codes.to(torch.uint8).cpu()
+    if res.bits <= 4:
+        codes = torch.cat([codes, codes.new_zeros(len(codes), codes.shape[1] % 2)], 1)
+        codes = codes[:, 0::2] | codes[:, 1::2] << 4
+    return Kept(codes, res.codes.shape[1], res.scales.cpu(), res.zeros.cpu(), res.bits, res.group_size, res.sym,
+                None if res.bias is None else res.bias.cpu())
