@@ -196,11 +196,12 @@ def check_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None
 
 class Weights:
     """Where the data of a weightless model's initializers is: external data files in `folder` (the model's folder)
-    and `memory`, bytes by initializer name (a dict, or `FileSpans` reading them from the source file on demand)."""
+    and `memory`, bytes by initializer name (`FileSpans`: held, or read from the source file on demand; a plain
+    mapping given here is held)."""
 
     def __init__(self, folder: str | os.PathLike, memory: MutableMapping[str, bytes] | None = None):
         self.folder = Path(folder)
-        self.memory = memory if memory is not None else {}
+        self.memory = memory if isinstance(memory, FileSpans) else FileSpans.holding(memory or {})
 
     def detached(self, t: onnx.TensorProto) -> bool:
         """Whether `t` is an initializer whose data is in `memory` (moved out with `detach_weights`, or never read)."""
@@ -208,21 +209,15 @@ class Weights:
 
     def nbytes(self, name: str) -> int:
         """Length of the data of detached initializer `name`."""
-        m = self.memory
-        return m.length(name) if isinstance(m, FileSpans) else len(m[name])
+        return self.memory.length(name)
 
     def read(self, name: str, start: int, size: int) -> bytes:
         """Bytes [start, start + size) of the data of detached initializer `name`."""
-        m = self.memory
-        return m.read(name, start, size) if isinstance(m, FileSpans) else m[name][start : start + size]
+        return self.memory.read(name, start, size)
 
     def copy_to(self, name: str, out) -> int:
         """Write the data of detached initializer `name` to file `out` (in chunks from a file); returns its length."""
-        if isinstance(self.memory, FileSpans):
-            return self.memory.copy_to(name, out)
-        data = self.memory[name]
-        out.write(data)
-        return len(data)
+        return self.memory.copy_to(name, out)
 
     def array(self, t: onnx.TensorProto) -> np.ndarray | None:
         """The data of detached or external initializer `t` as an array, read in one copy (a view of bytes held in
@@ -231,9 +226,9 @@ class Weights:
             return None
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
         count = int(np.prod(t.dims, dtype=np.int64))
-        spans = self.memory if isinstance(self.memory, FileSpans) else None
-        if self.detached(t) and (spans is None or t.name in spans.held):
-            data = np.frombuffer(self.memory[t.name], dtype)
+        spans = self.memory
+        if self.detached(t) and t.name in spans.held:
+            data = np.frombuffer(spans.held[t.name], dtype)
         else:
             if self.detached(t):
                 (offset, length), file = spans.spans[t.name], spans.path
@@ -262,20 +257,27 @@ class Weights:
         bytes in the source file point back at it instead of being held in memory."""
         model, memory = detach_weights(model)
         for name, data in memory.items():
-            if not (isinstance(self.memory, FileSpans) and self.memory.reattach(name, data)):
+            if not self.memory.reattach(name, data):
                 self.memory[name] = data
         return model
 
 
 class FileSpans(MutableMapping):
-    """Initializer bytes by name, read on demand from spans of one file (a model's inline weights left on disk);
-    a name set to bytes is held in memory instead."""
+    """Initializer bytes by name, read on demand from spans of one file (a model's inline weights left on disk; no
+    file: none); a name set to bytes is held in memory instead."""
 
-    def __init__(self, path: str | os.PathLike, spans: dict[str, tuple[int, int]]):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike | None, spans: dict[str, tuple[int, int]]):
+        self.path = None if path is None else Path(path)
         self.spans = dict(spans)  # name -> (offset, length) in `path`
         self.origin = dict(spans)  # every span the file has, also of names since set or deleted
         self.held: dict[str, bytes] = {}
+
+    @classmethod
+    def holding(cls, data: Mapping[str, bytes]) -> FileSpans:
+        """A store of `data` alone, held in memory (no file)."""
+        store = cls(None, {})
+        store.held.update(data)
+        return store
 
     def __getitem__(self, name: str) -> bytes:
         if name in self.held:
