@@ -458,3 +458,19 @@ def test_readme_links_the_generated_table():
     assert "do not edit" in text and text.count("| onnxq:turboboa ") >= 7
     assert "(benchmarks/results/table.md)" in (ROOT / "README.md").read_text()
     assert R.TABLE == ROOT / "benchmarks" / "results" / "table.md"
+
+
+def test_memory_benchmark_reads_the_report_and_samples_both_processes(tmp_path):
+    """benchmarks.memory on a tiny Llama: the report's peak, the sampled sums (never below the process's own RSS at
+    the samples), and the same output file with one solver lane."""
+    from benchmarks import memory
+    from tests.tiny import tiny_llama_onnx
+
+    model = tiny_llama_onnx(tmp_path)
+    assert memory.main(["--model", str(model), "--algos", "rtn", "rtn:1", "--work", str(tmp_path / "w"),
+                        "--out", str(tmp_path), "--name", "m"]) == 0
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert [r["algo"] for r in rows] == ["rtn", "rtn:1"]
+    assert all(r["process_mib"] > 50 and r["sum_pss_mib"] > 50 and r["helper_mib"] == 0 for r in rows)
+    assert rows[0]["output_sha1"] == rows[1]["output_sha1"]
+    assert "| rtn:1 |" in (tmp_path / "m.md").read_text()
