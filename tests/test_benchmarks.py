@@ -474,3 +474,14 @@ def test_memory_benchmark_reads_the_report_and_samples_both_processes(tmp_path):
     assert all(r["process_mib"] > 50 and r["sum_pss_mib"] > 50 and r["helper_mib"] == 0 for r in rows)
     assert rows[0]["output_sha1"] == rows[1]["output_sha1"]
     assert "| rtn:1 |" in (tmp_path / "m.md").read_text()
+
+
+def test_graph_load_runs_each_loader_on_the_same_file(tmp_path, capfd):
+    """benchmarks.graph_load on a tiny Llama: one table row per loader, each counting the same initializers."""
+    from benchmarks import graph_load
+    from tests.tiny import tiny_llama_onnx
+
+    assert graph_load.main(["--model", str(tiny_llama_onnx(tmp_path))]) == 0
+    rows = [line.split("|")[1:-1] for line in capfd.readouterr().out.splitlines() if line.startswith("| onnx")]
+    assert [r[0].strip() for r in rows] == list(graph_load.LOADERS)
+    assert len({r[1].strip() for r in rows}) == 1 and all(float(r[3]) > 0 for r in rows)
