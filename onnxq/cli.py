@@ -170,12 +170,12 @@ def quantize(
     from .graph.io import check_output_path
     from .pipeline import quantize as run_quantize
     from .calibrate.selfcalib import calib_text_path, save_text
-    from .report import check_report_path
+    from .report import check_report_path, report_file
     from .formats.targets import advise, support
 
     if report:
         check_report_path(report)  # before the run, not after it
-    calib_file = calib_text_path(report, output) if calib == "self" else None
+    calib_file = None if calib != "self" else report_file(report, ".calib.txt") if report else calib_text_path(output)
     if calib_file:
         check_output_path(calib_file)
     given = lambda name: getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"  # noqa: E731

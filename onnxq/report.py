@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import OnnxqError
-from .graph.io import check_output_path, one_line
+from .graph.io import check_output_path, one_line, sibling_path
 
 
 @dataclass
@@ -77,10 +77,14 @@ class EvalReport:
         return write_report(stem, self.to_dict(), self.markdown())
 
 
+def report_file(stem: str | Path, suffix: str) -> Path:
+    """`<stem><suffix>`, where a stem ending in .json or .md is taken without it (`--report out/r.json`)."""
+    return sibling_path(stem, suffix, (".json", ".md"))
+
+
 def _report_paths(stem: str | Path) -> tuple[Path, Path]:
     """`<stem>.json` and `<stem>.md`."""
-    stem = Path(stem)
-    return stem.with_suffix(".json"), stem.with_suffix(".md")
+    return report_file(stem, ".json"), report_file(stem, ".md")
 
 
 def check_report_path(stem: str | Path) -> None:

@@ -1,5 +1,6 @@
 """load_model's one-line errors, atomic saves with and without external data, weight detaching, provenance."""
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -225,3 +226,13 @@ def test_released_tensors_go_back_to_the_file(inline):
     lazy = store.release(lazy)
     assert names[0] in store.memory.spans and store.memory.held.keys() == {names[1]}
     assert all(store.detached(t) for t in lazy.graph.initializer if t.name in names)
+
+
+@pytest.mark.parametrize("path, suffix, replaces, expected", [
+    ("out/w3-d0.1", ".json", (".json", ".md"), "out/w3-d0.1.json"),  # a dot inside a name stays
+    ("out/r.json", ".md", (".json", ".md"), "out/r.md"),  # a given ending is replaced
+    ("out/smollm2-v1.5", ".calib.txt", (".onnx",), "out/smollm2-v1.5.calib.txt"),  # a folder output
+    ("out/q.onnx", ".calib.txt", (".onnx",), "out/q.calib.txt"),
+])
+def test_sibling_paths_add_their_suffix(path, suffix, replaces, expected):
+    assert io.sibling_path(path, suffix, replaces) == Path(expected)

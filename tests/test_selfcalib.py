@@ -113,6 +113,15 @@ def test_cli_writes_the_generated_text_beside_the_output(hf, tmp_path):
     assert read_provenance(onnx.load(str(out)))["calibration"]["text"] == "self"
 
 
+def test_cli_keeps_the_dots_of_a_report_stem(hf, tmp_path):
+    """`--report out/w3-d0.1` writes w3-d0.1.json/.md/.calib.txt, not w3-d0.* (a dot is not an extension there)."""
+    args = ["quantize", str(hf), "-o", str(tmp_path / "q-v1.5.onnx"), "--algo", "gptq", "--calib", "self",
+            "--calib-windows", "2", "--calib-seq-len", "16", "--report", str(tmp_path / "w3-d0.1")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("w3-*")) == ["w3-d0.1.calib.txt", "w3-d0.1.json", "w3-d0.1.md"]
+
+
 def _full_logits(path, ids: np.ndarray) -> np.ndarray:
     session = make_session(path)
     return session.run(["logits"], model_feeds(session, ids))[0]

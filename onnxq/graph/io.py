@@ -771,6 +771,15 @@ def _external_outside_initializers(model: onnx.ModelProto) -> bool:
     return count(_get_all_tensors(model)) != count(model.graph.initializer)
 
 
+def sibling_path(path: str | os.PathLike, suffix: str, replaces: tuple[str, ...] = ()) -> Path:
+    """`path` with `suffix` added to its name, after dropping an ending in `replaces`; other dots stay
+    (`r-d0.1` -> `r-d0.1.json`, not `r-d0.json`)."""
+    path = Path(path)
+    if path.suffix in replaces:
+        path = path.with_suffix("")
+    return path.with_name(path.name + suffix)
+
+
 def _temp_name(final: Path) -> str:
     """A fresh hidden name next to `final` (opened later with mode "xb", so the umask applies as usual)."""
     return str(final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
