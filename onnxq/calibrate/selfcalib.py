@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OnnxqError
+from ..graph.io import sibling_path
 
 # The sampler's settings: plain softmax (temperature 1) over the whole vocabulary (top_k 0), as LLM-QAT's data-free
 # generation samples. Measured on SmolLM2, TurboBoA W4 g128 (benchmarks/results/selfcalib-2026-12-04*.md): top-k 50
-# (Hugging Face generate()'s default) 26.41, the whole distribution 25.41, SOTU text 24.66.
+# (Hugging Face generate()'s default) 26.41, the whole distribution 25.41, SOTU text 24.66; at W3 g128 temperature
+# 0.9 / 1.0 / 1.2 gave 41.16 / 37.58 / 43.54 (selfcalib-2026-12-05-variants.md).
 TEMPERATURE = 1.0
 TOP_K = 0  # 0: no top-k restriction
 STARTS = ("The", "In", "A", "It", "This", "We", "I", "When", "There", "One")  # openings where the tokenizer adds no BOS
@@ -181,10 +183,10 @@ def windows_text(tokenizer, windows: np.ndarray) -> str:
                    for i, row in enumerate(windows))
 
 
-def calib_text_path(report: str | Path | None, output: str | Path) -> Path:
-    """Where the CLI writes the generated text: `<report stem>.calib.txt`, else beside the output,
-    `<output without .onnx>.calib.txt` (a folder output: `<folder>.calib.txt` beside it)."""
-    return Path(report if report is not None else output).with_suffix(".calib.txt")
+def calib_text_path(output: str | Path) -> Path:
+    """Where the CLI writes the generated text without a report: `<output without .onnx>.calib.txt` (a folder
+    output: `<folder>.calib.txt` beside it)."""
+    return sibling_path(output, ".calib.txt", (".onnx",))
 
 
 def save_text(path: Path, text: str) -> None:
