@@ -175,8 +175,9 @@ def quantize(
 
     if report:
         check_report_path(report)  # before the run, not after it
-    calib_file = None if calib != "self" else report_file(report, ".calib.txt") if report else calib_text_path(output)
-    if calib_file:
+    calib_file = None  # where --calib self's sampled text goes
+    if calib == "self":
+        calib_file = report_file(report, ".calib.txt") if report else calib_text_path(output)
         check_output_path(calib_file)
     given = lambda name: getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"  # noqa: E731
     explicit = {("group_size" if k == "group" else k): v for k, v in ctx.params.items()
