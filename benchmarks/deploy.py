@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from onnxq.report import report_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # name -> how the row is built: ("builder", precision, extra options) or ("onnxq", CLI options)
@@ -108,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     hf, windows, stem, result = start("deploy", args, argv)
-    if args.only and stem.with_suffix(".json").is_file():  # a partial rerun keeps today's other rows
-        result["rows"] = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    if args.only and report_file(stem, ".json").is_file():  # a partial rerun keeps today's other rows
+        result["rows"] = json.loads(report_file(stem, ".json").read_text())["rows"]
     for name, how in ROWS.items():
         if args.only and not any(o in name for o in args.only):
             continue
@@ -141,7 +143,7 @@ def _put(rows: list[dict], row: dict) -> None:
 def header(stem: Path, result: dict, title: str) -> list[str]:
     """Write the JSON; the Markdown's first lines: title, command, machine."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    report_file(stem, ".json").write_text(json.dumps(result, indent=1))
     return [f"# {title} ({result['date']})", "", f"`{result['command']}`", "", f"Machine: {result['machine']}.", ""]
 
 
@@ -162,8 +164,8 @@ def _write(stem: Path, result: dict) -> None:
     gens = [f"- {r['name']}: {r['generation']}" for r in result["rows"] if r.get("generation")]
     if gens:
         lines += ["", "Generation check printed by each onnxq run (onnxruntime-genai, greedy):", *gens]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(stem.with_suffix(".png"), result["rows"])
+    report_file(stem, ".md").write_text("\n".join(lines) + "\n")
+    _plot(report_file(stem, ".png"), result["rows"])
 
 
 def _plot(path: Path, rows: list[dict]) -> None:

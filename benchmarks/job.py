@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from onnxq.graph.io import sibling_path
+
 import numpy as np
 
 
@@ -212,7 +214,7 @@ def check_output(cfg: dict, out: str) -> dict:
 
 def main() -> None:
     cfg, model, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-    result_path = Path(out).with_suffix(".job.json")
+    result_path = sibling_path(out, ".job.json", (".onnx",))
     result_path.unlink(missing_ok=True)
     try:
         t = time.perf_counter()

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from onnxq.report import report_file
+
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     stem = args.out / args.name
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    stem.with_suffix(".md").write_text(_markdown(result))
+    report_file(stem, ".json").write_text(json.dumps(result, indent=1))
+    report_file(stem, ".md").write_text(_markdown(result))
     return 0
 
 

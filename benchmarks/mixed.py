@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from onnxq.report import report_file
+
 from benchmarks.deploy import ROOT, ROWS, _put, build, header, start
 
 BUILDER = {"builder int4 g32 (default)": "int4", "builder int4 g32 k_quant_mixed": "k_quant"}
@@ -73,8 +75,8 @@ def _write(stem: Path, result: dict) -> None:
         formats = ", ".join(f"{k}: {v}" for k, v in a.get("formats", {}).items())
         lines.append(f"| {r['name']} | {r['ppl']:.2f} | {r['size_mb']:.2f} | {a.get('budget_mb') or ''} | {formats} "
                      f"| {r['quant_s']:.0f} | `{r['command']}` |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(stem.with_suffix(".png"), result["rows"])
+    report_file(stem, ".md").write_text("\n".join(lines) + "\n")
+    _plot(report_file(stem, ".png"), result["rows"])
 
 
 def _plot(path: Path, rows: list[dict]) -> None:

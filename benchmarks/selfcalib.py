@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from onnxq.report import report_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
             if rep.calib_text:
-                stem.with_suffix(f".w{bits}g{group}.calib.txt").write_text(rep.calib_text)
+                report_file(stem, f".w{bits}g{group}.calib.txt").write_text(rep.calib_text)
             _write(stem, result)
     return 0
 
 
 def _write(stem: Path, result: dict) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    report_file(stem, ".json").write_text(json.dumps(result, indent=1))
     rows = result["rows"]
     lines = [f"# Data-free calibration ({result['date']})", "", f"`{result['command']}`", "",
              f"Machine: {result['machine']}.", "",
@@ -69,7 +71,7 @@ def _write(stem: Path, result: dict) -> None:
         rel = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if ref and r is not ref else ""
         lines.append(f"| W{r['bits']} g{r['group']} | {r['calib']} | {r['ppl']:.2f} | {rel} | {r['quant_s']:.0f} | "
                      f"{r['generation_s']:.0f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    report_file(stem, ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from onnxq.report import report_file
+
 import torch
 
 from benchmarks.run import group_name
@@ -107,8 +109,8 @@ def write(out: Path, args, rows: list[dict]) -> None:
             line += "; time on " + dev + " / cpu: " + ", ".join(
                 f"{s} {t(s) / sec[(layer, setting, 'cpu', s)]:.2f}" for s in ("gptq", "boa (N=1)", "turboboa N=16, F1+F3"))
         lines.append(line)
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"command": head, "rows": rows}, indent=2))
+    report_file(stem, ".md").write_text("\n".join(lines) + "\n")
+    report_file(stem, ".json").write_text(json.dumps({"command": head, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -375,6 +375,15 @@ def test_render_rewrites_outputs_from_the_json_alone(smoke, tmp_path, capsys):
     assert len(err) == 1 and "not a results JSON" in err[0]
 
 
+def test_render_keeps_the_dots_of_a_results_name(smoke, tmp_path):
+    _, _, json_path, _ = smoke
+    copy = tmp_path / "w3-d0.1.json"
+    shutil.copy(json_path, copy)
+    assert R.main(["--render", str(copy)]) == 0
+    assert (tmp_path / "w3-d0.1.md").is_file() and (tmp_path / "w3-d0.1.png").is_file()
+    assert not (tmp_path / "w3-d0.md").exists()
+
+
 def test_quant_repeats_quote_the_median_and_check_identical_files(tmp_path):
     """--quant-repeats 3: every quantized row keeps three wall times, quotes their median, and repeats byte-identically."""
     rc = R.main(["--suite", "smoke", "--only", "W4", "--quant-repeats", "3", "--out", str(tmp_path / "results"),

@@ -13,13 +13,15 @@ from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.report import evaluate
 
-def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None):
-    """n windows; first sampled token then `greedy` argmax tokens; keep: of n, the `keep` nearest the median NLL."""
+def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, drop=0):
+    """n windows; first sampled token then `greedy` argmax tokens; keep: of n, the `keep` nearest the median NLL;
+    start_ids: every window starts with these ids; drop: sample 512 + drop ids, then drop the first `drop` columns."""
     t0 = time.perf_counter()
     path = sc.generation_graph("smollm2"); tok = load_tokenizer(path)
     rng = np.random.default_rng(seed)
     starts = sc.start_tokens(tok, n, rng) if prompt is None else [tok(prompt, add_special_tokens=False)['input_ids']] * n
-    step = sc.make_stepper(make_session(path, "cpu"), 512)
+    starts = [list(start_ids)] * n if start_ids is not None else starts
+    step = sc.make_stepper(make_session(path, "cpu"), 512 + drop)
     banned = [*sc.banned_ids(tok), *range(len(tok), 49152)]
     t = {"i": 0}; nll = np.zeros(n)
     def pick(logits):
@@ -32,8 +34,8 @@ def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None):
         lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
         nll[:] += lse - z[np.arange(n), ids]
         return ids
-    w = sc.decode(step, starts, 512, pick)
-    per = nll / 511
+    w = sc.decode(step, starts, 512 + drop, pick)[:, drop:]
+    per = nll / (511 + drop)
     print("window NLL/token:", np.round(np.sort(per), 2).tolist(), flush=True)
     if keep:
         order = np.argsort(np.abs(per - np.median(per)))[:keep]
