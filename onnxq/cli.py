@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-import inspect
+from inspect import Parameter, signature
 import json
 import sys
 from pathlib import Path
@@ -127,9 +127,9 @@ ADVANCED = [
 
 def _with_advanced(fn):
     """`fn`, whose `**advanced` takes the ADVANCED options, with them in its signature (keyword-only, Advanced panel)."""
-    sig = inspect.signature(fn)
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                               default=typer.Option(default, *flags, rich_help_panel=ADV, help=text))
+    sig = signature(fn)
+    extra = [Parameter(name, Parameter.KEYWORD_ONLY, annotation=kind,
+                     default=typer.Option(default, *flags, rich_help_panel=ADV, help=text))
              for name, kind, default, flags, text in ADVANCED]
     fn.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD] + extra)
     return fn

@@ -86,14 +86,7 @@ def quantize(
 
     `windows` ([n, seq_len] token ids) replaces tokenizing `calib`, e.g. for models without a tokenizer.
     """
-    from .graph.io import (
-        check_external_data, check_graph, check_output_path, detach_weights, load_model, load_tensor_data,
-        load_weightless, save_model_atomic,
-    )
-    from .models.export import load_tokenizer, resolve_model
-    from .graph.metadata import add_provenance
-    from .graph.normalize import normalize
-    from .calibrate.textdata import load_text, token_windows
+    from .models.export import resolve_model
 
     output = Path(output)
     to_folder = output.suffix != ".onnx"  # a generation-ready folder (onnxruntime-genai) rather than one graph
@@ -103,8 +96,63 @@ def quantize(
     set_mmap_threshold(CALIB_MMAP)  # freed weights and activations go back to the OS, not to a fragmenting heap
     build = _float_build(model, recipe, output) if to_folder else None  # before any calibration: fail fast
     path = resolve_model(str(model))
+    proto, folder, rotation = _load_float(path, recipe, output, to_folder)
+    sized = recipe.size_mb is not None or recipe.bpw is not None  # its size prediction reads the graph as it is now
+    if not sized:
+        proto = folder.release(proto)  # what normalize read leaves the proto too (back to the file where unchanged)
+    layers = select_layers(proto, recipe)
+    weights = {t.name: t for t in proto.graph.initializer}  # what `read` reads
+    read = partial(_layer_weight, weights=weights, folder=folder)
+    for l in layers:  # before any calibration: fail fast
+        if l.weight not in weights:
+            raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
+        _check_finite(l, read_array(weights[l.weight], folder))
+    data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
+    windows, gen_s, calib_text = _calibration_windows(model, path, recipe, calib, windows, data_free=data_free, ep=ep)
+    solved = Solved()
+    if sized:  # choose each layer's format under the size budget, then let go of what normalize read
+        recipe, proto = _choose_formats(proto, layers, windows, recipe, solved, build=build, data_free=data_free,
+                                        weights=weights, read=read, folder=folder, ep=ep, progress=progress)
+    _solve(proto, layers, windows, recipe, solved, to_folder=to_folder, data_free=data_free, read=read, folder=folder,
+           ep=ep, progress=progress)
+    info = _provenance(recipe, rotation, calib, windows, path)
+    if to_folder:
+        written = _write_folder(build, layers, solved.results, recipe, info, output, read)
+    else:
+        _write_file(proto, layers, solved.results, recipe, info, output, source=path, folder=folder)
+        written = {}
+    n_solved = len(solved.results)
+    solved.results.clear()
+    folder.memory.clear()
+    return QuantReport(
+        model=str(path),
+        output=str(output),
+        recipe=recipe.to_dict(),
+        layers=n_solved,
+        calib_tokens=int(windows.size),
+        calib_seconds=round(solved.calib_s, 2),
+        solve_seconds=round(solved.solve_s, 2),
+        total_seconds=round(time.perf_counter() - t0, 2),
+        peak_rss_mb=round(_peak_rss_mb(), 1),
+        helper_rss_mb=round(helper_peak_rss_mb(), 1),
+        layer_losses=solved.losses,
+        notes=solved.notes,
+        deploy=written,
+        calib_generation_seconds=round(gen_s, 2),
+        calib_text=calib_text,
+        allocation=solved.allocation,
+    )
+
+
+def _load_float(path, recipe: QuantRecipe, output: Path, to_folder: bool):
+    """The source graph, checked, normalized (and rotated with --rotate), its weights left on disk: the proto, the
+    `folder` that says where each initializer's data is, and what was rotated (None)."""
+    from .graph.io import check_external_data, check_graph, check_output_path, detach_weights, load_tensor_data
+    from .graph.io import load_weightless
+    from .graph.normalize import normalize
+
     # Weights stay on disk: each block's pieces, each solved layer and the final save read only what they need.
-    proto, folder = load_weightless(path)  # folder: where each initializer's data is (the file, external data)
+    proto, folder = load_weightless(path)
     check_graph(proto, Path(path).name, ops=True)  # it is going to run in ONNX Runtime: ops must be valid too
     check_external_data(proto, path)
     if not to_folder:
@@ -122,11 +170,16 @@ def quantize(
     rotation = None
     if recipe.rotate:
         proto, rotation = _rotate(proto, folder, recipe.seed)
-    sized = recipe.size_mb is not None or recipe.bpw is not None  # its size prediction reads the graph as it is now
-    if not sized:
-        proto = folder.release(proto)  # what normalize read leaves the proto too (back to the file where unchanged)
-    layers = select_layers(proto, recipe)
-    data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
+    return proto, folder, rotation
+
+
+def _calibration_windows(model, path, recipe: QuantRecipe, calib: str, windows: np.ndarray | None, *,
+                         data_free: bool, ep: str) -> tuple[np.ndarray, float, str]:
+    """The [n, seq_len] calibration ids (given, sampled by --calib self, or windows of the `calib` text), the seconds
+    sampling took and the sampled text."""
+    from .calibrate.textdata import load_text, token_windows
+    from .models.export import load_tokenizer
+
     gen_s, calib_text = 0.0, ""
     if data_free:
         windows = np.zeros((0, 0), np.int64)
@@ -141,66 +194,57 @@ def quantize(
     elif windows.ndim != 2 or windows.size == 0:
         raise OnnxqError("calibration windows must be a non-empty [n, seq_len] array of token ids")
     trim_heap()  # tokenizing the calibration text leaves ~80 MB of freed heap on SmolLM2
-    weights = {t.name: t for t in proto.graph.initializer}
-    for l in layers:
-        if l.weight not in weights:
-            raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
-        _check_finite(l, read_array(weights[l.weight], folder))  # before any calibration: fail fast
+    return windows, gen_s, calib_text
 
+
+def _choose_formats(proto: onnx.ModelProto, layers: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe,
+                    solved: Solved, *, build, data_free: bool, weights: dict, read, folder, ep: str,
+                    progress: bool) -> tuple[QuantRecipe, onnx.ModelProto]:
+    """--size-mb / --bpw: the recipe with each decoder layer's format, and the proto with what normalize read let go
+    (`weights` updated to it)."""
+    from .graph.io import load_model
+
+    tc = time.perf_counter()
+    to_folder = build is not None
+    in_blocks = [] if data_free else [l for l in layers if l.block is not None]
+    graph = load_model(build / "model.onnx", load_weights=False) if to_folder else proto
+    formats, solved.allocation = _allocate(proto, graph, layers, in_blocks, windows, recipe, read=read, ep=ep,
+                                           folder=folder, progress=progress, packed_qkv=to_folder)
+    solved.calib_s += time.perf_counter() - tc
+    proto = folder.release(proto)
+    weights.clear()
+    weights.update({t.name: t for t in proto.graph.initializer})
+    return replace(recipe, layer_formats=formats), proto
+
+
+def _solve(proto: onnx.ModelProto, layers: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe,
+           solved: Solved, *, to_folder: bool, data_free: bool, read, folder, ep: str, progress: bool) -> None:
+    """Every layer solved into `solved`: decoder blocks calibrated one by one, then the layers outside them (a
+    folder's head after the last block's output, the rest uncalibrated)."""
     in_blocks = [] if data_free else [l for l in layers if l.block is not None]
     head = [l for l in layers if l.block is None and to_folder and not data_free]  # calibrated after the last block
-    read = partial(_layer_weight, weights=weights, folder=folder)
-    solved = Solved()
-    if sized:  # choose each layer's format under the size budget
-        tc = time.perf_counter()
-        graph = load_model(build / "model.onnx", load_weights=False) if to_folder else proto
-        formats, solved.allocation = _allocate(proto, graph, layers, in_blocks, windows, recipe, read=read, ep=ep,
-                                               folder=folder, progress=progress, packed_qkv=to_folder)
-        recipe = replace(recipe, layer_formats=formats)
-        solved.calib_s += time.perf_counter() - tc
-        proto = folder.release(proto)
-        weights.clear()
-        weights.update({t.name: t for t in proto.graph.initializer})  # what `read` reads
     if in_blocks:
         BlockLoop(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder).run(head, progress=progress)
-    results, losses = solved.results, solved.losses
     for l in layers:
-        if l.node not in results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
+        if l.node not in solved.results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
             W = read(l)
-            res, losses[l.node] = solve_layer(l, W, None, recipe.head_recipe() if to_folder and l.block is None else recipe)
-            results[l.node] = compact(res)
+            res, solved.losses[l.node] = solve_layer(l, W, None, recipe.head_recipe() if to_folder and l.block is None
+                                                     else recipe)
+            solved.results[l.node] = compact(res)
             del W, res
             trim_heap()
-    info = _provenance(recipe, rotation, calib, windows, path)
-    if to_folder:
-        written = _write_folder(build, layers, results, recipe, info, output, read)
-    else:
-        out = _rewrite(proto, layers, results, recipe)
-        add_provenance(out, info)
-        # the float weights left (embeddings, norms, excluded layers) are copied from the source file or memory
-        save_model_atomic(out, output, source=path, weights=folder)
-        written = {}
-    n_solved = len(results)
-    results.clear()
-    folder.memory.clear()
-    return QuantReport(
-        model=str(path),
-        output=str(output),
-        recipe=recipe.to_dict(),
-        layers=n_solved,
-        calib_tokens=int(windows.size),
-        calib_seconds=round(solved.calib_s, 2),
-        solve_seconds=round(solved.solve_s, 2),
-        total_seconds=round(time.perf_counter() - t0, 2),
-        peak_rss_mb=round(_peak_rss_mb(), 1),
-        helper_rss_mb=round(helper_peak_rss_mb(), 1),
-        layer_losses=losses,
-        notes=solved.notes,
-        deploy=written,
-        calib_generation_seconds=round(gen_s, 2),
-        calib_text=calib_text,
-        allocation=solved.allocation,
-    )
+
+
+def _write_file(proto: onnx.ModelProto, layers: list[LinearLayer], results: dict, recipe: QuantRecipe, info: dict,
+                output: Path, *, source, folder) -> None:
+    """The rewritten graph with its provenance, saved atomically; the float weights left (embeddings, norms, excluded
+    layers) are copied from the source file or memory."""
+    from .graph.io import save_model_atomic
+    from .graph.metadata import add_provenance
+
+    out = _rewrite(proto, layers, results, recipe)
+    add_provenance(out, info)
+    save_model_atomic(out, output, source=source, weights=folder)
 
 
 def _allocate(proto: onnx.ModelProto, graph: onnx.ModelProto, layers: list[LinearLayer], in_blocks: list[LinearLayer],

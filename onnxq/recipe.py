@@ -1,7 +1,7 @@
 """Quantization recipe: what to quantize and how, validated up front."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from .errors import OnnxqError
 
