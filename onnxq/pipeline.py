@@ -108,7 +108,8 @@ def quantize(
             raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
         _check_finite(l, read_array(weights[l.weight], folder))
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
-    windows, gen_s, calib_text = _calibration_windows(model, path, recipe, calib, windows, data_free=data_free, ep=ep)
+    windows, gen_s, calib_text = _calibration_windows(model, path, recipe, calib, windows, data_free=data_free, ep=ep,
+                                                      progress=progress)
     solved = Solved()
     if sized:  # choose each layer's format under the size budget, then let go of what normalize read
         recipe, proto = _choose_formats(proto, layers, windows, recipe, solved, build=build, data_free=data_free,
@@ -174,7 +175,7 @@ def _load_float(path, recipe: QuantRecipe, output: Path, to_folder: bool):
 
 
 def _calibration_windows(model, path, recipe: QuantRecipe, calib: str, windows: np.ndarray | None, *,
-                         data_free: bool, ep: str) -> tuple[np.ndarray, float, str]:
+                         data_free: bool, ep: str, progress: bool) -> tuple[np.ndarray, float, str]:
     """The [n, seq_len] calibration ids (given, sampled by --calib self, or windows of the `calib` text), the seconds
     sampling took and the sampled text."""
     from .calibrate.textdata import load_text, token_windows
@@ -186,7 +187,7 @@ def _calibration_windows(model, path, recipe: QuantRecipe, calib: str, windows: 
     elif windows is None and calib == "self":  # data-free: windows sampled from the float model itself
         from .calibrate.selfcalib import self_calibration
 
-        windows, gen_s, calib_text = self_calibration(model, recipe, ep=ep)
+        windows, gen_s, calib_text = self_calibration(model, recipe, ep=ep, progress=progress)
     elif windows is None:
         text = load_text(calib)
         windows = token_windows(load_tokenizer(path), text, recipe.calib_seq_len, recipe.calib_windows, seed=recipe.seed,

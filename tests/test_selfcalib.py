@@ -41,6 +41,13 @@ def test_windows_are_reproducible_text_from_a_start(hf):
     assert (given[:, :2] == [5, 6]).all()
 
 
+def test_sampling_shows_progress_without_changing_the_windows(hf, capsys):
+    quiet, _ = generate_windows(hf, 2, 12, seed=0)
+    assert "sampling calibration" not in capsys.readouterr().err
+    shown, _ = generate_windows(hf, 2, 12, seed=0, progress=True)
+    assert "sampling calibration" in capsys.readouterr().err and np.array_equal(quiet, shown)
+
+
 def test_windows_start_with_the_bos_the_tokenizer_adds(hf, tmp_path):
     folder = tiny_llama_hf(tmp_path)
     byte_tokenizer(bos=True).save_pretrained(folder)

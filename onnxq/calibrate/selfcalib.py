@@ -30,21 +30,23 @@ STARTS = ("The", "In", "A", "It", "This", "We", "I", "When", "There", "One")  # 
 RECOMPUTE_MAX_LEN = 64  # a graph without KV cache: longer windows cost over 32x a cached run; refused
 
 
-def self_calibration(model: str | Path, recipe, *, ep: str = "cpu") -> tuple[np.ndarray, float, str]:
+def self_calibration(model: str | Path, recipe, *, ep: str = "cpu",
+                     progress: bool = False) -> tuple[np.ndarray, float, str]:
     """`quantize`'s `--calib self`: windows of `recipe`'s size and seed, the seconds they took and their text."""
     from ..models.export import load_tokenizer
 
     windows, seconds = generate_windows(model, recipe.calib_windows, recipe.calib_seq_len, seed=recipe.seed, ep=ep,
-                                        special_tokens=recipe.special_tokens)
+                                        special_tokens=recipe.special_tokens, progress=progress)
     return windows, seconds, windows_text(load_tokenizer(generation_graph(model)), windows)
 
 
 def generate_windows(model_source: str | Path, n: int, seq_len: int, *, seed: int, temperature: float = TEMPERATURE,
                      top_k: int = TOP_K, ep: str = "cpu", start_ids: Sequence[int] | None = None,
-                     special_tokens: bool = True) -> tuple[np.ndarray, float]:
+                     special_tokens: bool = True, progress: bool = False) -> tuple[np.ndarray, float]:
     """`[n, seq_len]` int64 windows sampled from the float model in one batch, and the seconds taken (export included).
 
-    `start_ids` (ids every window starts with) replaces the default start; same seed, same windows."""
+    `start_ids` (ids every window starts with) replaces the default start; same seed, same windows. `progress`: a
+    bar over the sampled positions."""
     from ..models.export import load_tokenizer
     from ..runtime.session import make_session
 
@@ -64,7 +66,7 @@ def generate_windows(model_source: str | Path, n: int, seq_len: int, *, seed: in
         ids = [*banned, *range(len(tokenizer), logits.shape[1])]  # ids past the tokenizer's are padding
         return sample(logits, rng, temperature=temperature, top_k=top_k, banned=ids)
 
-    windows = decode(step, starts, seq_len, pick)
+    windows = decode(step, starts, seq_len, pick, progress=progress)
     return windows, time.perf_counter() - t0
 
 
@@ -116,11 +118,13 @@ def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, 
 
 
 def decode(step: Callable[[np.ndarray], np.ndarray], starts: list[list[int]], seq_len: int,
-           pick: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+           pick: Callable[[np.ndarray], np.ndarray], *, progress: bool = False) -> np.ndarray:
     """`[len(starts), seq_len]` ids: row r begins with starts[r], then `pick` of `step`'s logits after each column."""
+    from tqdm import tqdm
+
     tokens = np.zeros((len(starts), seq_len), np.int64)
     tokens[:, 0] = [s[0] for s in starts]
-    for t in range(1, seq_len):
+    for t in tqdm(range(1, seq_len), desc="sampling calibration", unit="token", disable=not progress):
         tokens[:, t] = pick(step(tokens[:, t - 1]))
         for r, s in enumerate(starts):
             if t < len(s):
