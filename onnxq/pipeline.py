@@ -117,12 +117,12 @@ def quantize(
     _solve(proto, layers, windows, recipe, solved, to_folder=to_folder, data_free=data_free, read=read, folder=folder,
            ep=ep, progress=progress)
     info = _provenance(recipe, rotation, calib, windows, path)
+    n_solved = len(solved.results)
     if to_folder:
         written = _write_folder(build, layers, solved.results, recipe, info, output, read)
     else:
         _write_file(proto, layers, solved.results, recipe, info, output, source=path, folder=folder)
         written = {}
-    n_solved = len(solved.results)
     solved.results.clear()
     folder.memory.clear()
     return QuantReport(
@@ -375,8 +375,9 @@ def _float_build(model, recipe: QuantRecipe, output: Path) -> Path:
 
 def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe: QuantRecipe, info: dict,
                   output: Path, read) -> dict:
-    """The builder's graph with the solved weights (matched layer by layer) as an onnxruntime-genai folder."""
-    from .deploy.genai import match_layers, write_folder
+    """The builder's graph with the solved weights (matched layer by layer) as an onnxruntime-genai folder; `results`
+    are used up."""
+    from .deploy.genai import match_layers, packed_weight, write_folder
     from .graph.io import load_model as load
 
     graph = load(build / "model.onnx", load_weights=False)
@@ -385,13 +386,15 @@ def _write_folder(build: Path, layers: list[LinearLayer], results: dict, recipe:
     if missing:
         raise OnnxqError(f"the builder's graph has no MatMul holding {missing[0]} ({len(missing)} layers unmatched): "
                          "write a .onnx file instead (-o FILE.onnx)")
-    weights = {name: [_quantized_weight(results[p.node]) for p in parts] for name, parts in matched.items()}
     biases = {}
     for name, parts in matched.items():
         if any(results[p.node].bias is not None for p in parts):
             biases[name] = np.concatenate([results[p.node].bias.numpy() if results[p.node].bias is not None
                                            else np.zeros(p.n, np.float32) for p in parts]).astype(np.float32)
-    written = write_folder(build, graph, weights, biases, accuracy_level=recipe.accuracy_level, provenance=info,
+    packed = {}
+    for name, parts in matched.items():  # one builder MatMul at a time, letting go of its layers' results
+        packed[name] = packed_weight([_quantized_weight(results.pop(p.node)) for p in parts], name)
+    written = write_folder(build, graph, packed, biases, accuracy_level=recipe.accuracy_level, provenance=info,
                            out=output)
     return {"front_end": "onnxruntime-genai model builder (fp32 CPU graph)", "float_build": str(build), **written}
 

@@ -173,3 +173,29 @@ def test_cuda_follows_input():
     W, H, X = problem(8)
     res = solve_gptq(W.float().cuda(), H.float().cuda(), QuantSpec(4, 16, False), dXXt=H.float().cuda() * 0.01)
     assert res.qweight.is_cuda and res.codes.is_cuda
+
+
+@pytest.mark.parametrize("solver", ["gptq-act-order", "gptq", "rtn-mse"])
+def test_row_pieces_give_the_codes_of_one_solve(solver):
+    from onnxq.solve.dispatch import by_row_pieces
+
+    torch.manual_seed(3)
+    W, X = torch.randn(23, 64), torch.randn(256, 64)
+    H, spec = X.T @ X / 256, QuantSpec(4, 16, False)
+    solve = {"gptq-act-order": lambda w: solve_gptq(w, H, spec, act_order=True, static_groups=True, grid="mse"),
+             "gptq": lambda w: solve_gptq(w, H, spec),
+             "rtn-mse": lambda w: solve_rtn(w, spec, grid="mse")}[solver]
+    whole, pieces = solve(W), by_row_pieces(solve, W, rows=5)  # 5 + 5 + 5 + 5 + 3 rows
+    for f in ("qweight", "codes", "scales", "zeros"):
+        assert torch.equal(getattr(whole, f), getattr(pieces, f)), f
+    assert pieces.codes.shape == (23, 64)
+
+
+def test_layer_loss_in_row_pieces_equals_the_direct_trace(monkeypatch):
+    import onnxq.solvers.hessian as hessian
+
+    W, H, _ = problem(7, rows=23)
+    Q = W + 0.01 * torch.randn(W.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
+    direct = float(torch.trace((Q - W) @ H @ (Q - W).T))
+    monkeypatch.setattr(hessian, "LOSS_ROWS", 5)
+    assert layer_loss(W, Q, H) == pytest.approx(direct, rel=1e-12)

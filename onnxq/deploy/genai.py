@@ -134,13 +134,12 @@ def _bias_inputs(graph: onnx.ModelProto, biases: dict[str, np.ndarray]) -> None:
         node.input.extend(inputs)
 
 
-def write_folder(build: Path, graph: onnx.ModelProto, weights: dict[str, list[QuantizedWeight]],
+def write_folder(build: Path, graph: onnx.ModelProto, packed: dict[str, QuantizedWeight],
                  biases: dict[str, np.ndarray], *, accuracy_level: int, provenance: dict, out: Path) -> dict:
-    """Write `graph` (the builder's, from `build`, loaded without weights; changed in place) with `weights` (builder
-    MatMul -> parts along N) and output `biases` as a folder `out` onnxruntime-genai loads (model, genai_config.json,
-    tokenizer files); atomic. Returns what changed."""
+    """Write `graph` (the builder's, from `build`, loaded without weights; changed in place) with `packed` (builder
+    MatMul -> its weight, parts along N joined by `packed_weight`) and output `biases` as a folder `out`
+    onnxruntime-genai loads (model, genai_config.json, tokenizer files); atomic. Returns what changed."""
     src = build / "model.onnx"
-    packed = {name: packed_weight(parts, name) for name, parts in weights.items()}
     to_matmulnbits(graph, packed, accuracy_level=accuracy_level)
     _bias_inputs(graph, biases)
     config = json.loads((build / "genai_config.json").read_text())
