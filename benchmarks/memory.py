@@ -1,9 +1,11 @@
 """Peak memory of `onnxq quantize` per solver: the quantizing process, its solver helper, and the two together.
 
-    python -m benchmarks.memory [--model PATH.onnx] [--algos rtn gptq turboboa turboboa:1] [--out benchmarks/results]
+    python -m benchmarks.memory [--model PATH.onnx] [--algos rtn gptq turboboa turboboa:1 main] [--out benchmarks/results]
 
 Each solver runs `onnxq quantize MODEL -o WORK/A.onnx --algo A` in a fresh process (default recipe); `A:1` runs it
-with OMP_NUM_THREADS=1: torch on one thread, so one solver lane and no helper process (ORT keeps its own threads). The quantizing
+with OMP_NUM_THREADS=1: torch on one thread, so one solver lane and no helper process (ORT keeps its own threads).
+`main` is the README's main job without --eval: `onnxq quantize smollm2 -o WORK/main` (a generation-ready folder,
+from the registry name; its builder graph is cached after the first run). The quantizing
 process's peak is the one its report prints (ru_maxrss); every 20 ms this script also reads the resident (RSS) and
 proportional (PSS: shared pages split between the processes mapping them) sizes of that process and its solver
 helper from /proc (Linux), for the peak of their sum. Writes memory-<date>.{json,md} (`--name`).
@@ -45,14 +47,18 @@ def main(argv: list[str] | None = None) -> int:
               "date": dt.datetime.now().isoformat(timespec="minutes"), "machine": machine("cpu"),
               "versions": versions(), "model": str(model), "file_mib": round(Path(model).stat().st_size / MIB, 1),
               "rows": []}
+    onnxq = str(Path(sys.executable).with_name("onnxq"))  # the console script beside this interpreter
     for name in args.algos:
         algo, one_lane = name.split(":")[0], name.endswith(":1")
-        out = args.work / f"{algo}{'-1' if one_lane else ''}.onnx"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        onnxq = Path(sys.executable).with_name("onnxq")  # the console script beside this interpreter
+        args.work.mkdir(parents=True, exist_ok=True)
+        if name == "main":
+            out = args.work / "main"
+            cmd = [onnxq, "quantize", "smollm2", "-o", str(out)]
+        else:
+            out = args.work / f"{algo}{'-1' if one_lane else ''}.onnx"
+            cmd = [onnxq, "quantize", str(model), "-o", str(out), "--algo", algo]
         env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_lane else {})}
-        row = {"algo": name, **_measure([str(onnxq), "quantize", str(model), "-o", str(out), "--algo", algo], env)}
-        row["output_sha1"] = hashlib.sha1(out.read_bytes()).hexdigest()[:12]
+        row = {"algo": name, **_measure(cmd, env), "output_sha1": _digest(out)}
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     stem = args.out / args.name
@@ -83,6 +89,15 @@ def _measure(cmd: list[str], env: dict[str, str]) -> dict:
     return {"process_mib": int(main_mib.group(1)), "helper_mib": int(helper.group(1)) if helper else 0,
             "sum_rss_mib": round(peak["sum_rss"]), "sum_pss_mib": round(peak["sum_pss"]),
             "quantize_s": float(total.group(1)), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def _digest(out: Path) -> str:
+    """SHA-1 (12 hex digits) of a written .onnx file, or of a folder's model.onnx and model.onnx.data in turn."""
+    files = [out / "model.onnx", out / "model.onnx.data"] if out.is_dir() else [out]
+    sha = hashlib.sha1()
+    for f in files:
+        sha.update(f.read_bytes())
+    return sha.hexdigest()[:12]
 
 
 def _children(pid: int) -> list[int]:
