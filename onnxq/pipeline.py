@@ -409,7 +409,7 @@ def _quantized_weight(r: Kept):
 
 def _layer_weight(layer: LinearLayer, *, weights: dict, folder) -> torch.Tensor:
     """W[d_out, d_in] float32 of `layer`, read from its initializer (or the source's data file) on demand."""
-    return torch.from_numpy(read_array(weights[layer.weight], folder).astype(np.float32)).T.contiguous()
+    return torch.from_numpy(read_array(weights[layer.weight], folder).astype(np.float32, copy=False)).T.contiguous()
 
 
 def _rotate(proto: onnx.ModelProto, folder, seed: int) -> tuple[onnx.ModelProto, str]:
