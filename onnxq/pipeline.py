@@ -20,9 +20,9 @@ from .calibrate.stats import Covariance
 from .errors import OnnxqError
 from .graph.io import read_array
 from .recipe import QuantRecipe
-from .solve.dispatch import helper_peak_rss_mb, solve_layer
+from .solve.dispatch import helper_peak_rss_mb
 from .solve.heap import CALIB_MMAP, set_mmap_threshold, trim_heap
-from .solve.loop import GROUP, BlockLoop, Kept, Solved, compact
+from .solve.loop import GROUP, BlockLoop, Kept, Solved, solve_kept
 
 
 NODE_BYTES = 480  # graph bytes one MatMul -> MatMulNBits rewrite adds (node, attributes, three or four initializer
@@ -229,10 +229,9 @@ def _solve(proto: onnx.ModelProto, layers: list[LinearLayer], windows: np.ndarra
     for l in layers:
         if l.node not in solved.results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN
             W = read(l)
-            res, solved.losses[l.node] = solve_layer(l, W, None, recipe.head_recipe() if to_folder and l.block is None
-                                                     else recipe)
-            solved.results[l.node] = compact(res)
-            del W, res
+            solved.results[l.node], solved.losses[l.node] = solve_kept(
+                l, W, None, recipe.head_recipe() if to_folder and l.block is None else recipe)
+            del W
             trim_heap()
 
 

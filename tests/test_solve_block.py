@@ -122,3 +122,17 @@ def test_a_solver_error_in_a_helper_is_raised_and_keeps_the_helper(two_threads):
     helper = onnxq.solve.dispatch._helpers(1)[0]
     ok, err = helper.solve(layers[0], weights[0], stats, bad)
     assert not ok and isinstance(err, OnnxqError) and helper.proc.poll() is None
+
+
+@pytest.mark.parametrize("algo", ["gptq", "rtn", "turboboa"])
+def test_solve_kept_in_row_pieces_matches_one_solve(algo, monkeypatch):
+    layers, weights, stats = _block()
+    layer, W = layers[3], weights[3]  # 96 rows: pieces of 40, 40 and 16 rows
+    grid = "hessian" if algo == "rtn" else None  # calibrated RTN: its bias correction needs the statistics
+    recipe = QuantRecipe(algo=algo, bits=4, group_size=16, bias_correction=True, grid=grid).validate()
+    whole, whole_loss = solve_layer(layer, W, stats, recipe)
+    monkeypatch.setattr(onnxq.solve.loop, "ROW_PIECE", 40)
+    kept, loss = onnxq.solve.loop.solve_kept(layer, W, stats, recipe)
+    assert torch.equal(kept.unpacked(), whole.codes.to(torch.uint8)) and torch.equal(kept.scales, whole.scales)
+    assert torch.equal(kept.zeros, whole.zeros) and torch.equal(kept.bias, whole.bias)
+    assert loss == pytest.approx(whole_loss, rel=1e-9)

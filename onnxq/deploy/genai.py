@@ -44,8 +44,8 @@ def match_layers(graph: onnx.ModelProto, folder: Path, layers: list[LinearLayer]
         if not parts or any(p is None for p in parts):
             continue
         built = read_array(inits[node.input[1]], str(folder))
-        ours = np.concatenate([read_layer(p) for p in parts], axis=1)
-        if built.shape != ours.shape or not np.array_equal(built, ours.astype(built.dtype)):
+        ours = read_layer(parts[0]) if len(parts) == 1 else np.concatenate([read_layer(p) for p in parts], axis=1)
+        if built.shape != ours.shape or not np.array_equal(built, ours.astype(built.dtype, copy=False)):
             raise OnnxqError(f"the builder's {node.name} does not hold the float weights of {', '.join(p.node for p in parts)}: "
                              "the two exports differ; write a single .onnx file instead (-o FILE.onnx)")
         found[node.name] = parts

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from ..graph.io import read_array
 from ..recipe import QuantRecipe
 from ..solvers import QuantResult, layer_loss, up_row_hessian, value_row_hessian
 from .block_tune import tune_block
-from .dispatch import BlockStats, loss_hessian, solve_block, solve_layer
+from .dispatch import ROW_PIECE, BlockStats, loss_hessian, solve_block, solve_layer
 from .heap import CALIB_MMAP, SOLVE_MMAP, set_mmap_threshold, trim_heap
 from .torch_graph import TorchGraph
 
@@ -177,8 +177,8 @@ class BlockLoop:
                     cov.add(cap[name])
         with self._phase("solve"):
             for l in head:
-                res, self.solved.losses[l.node] = solve_layer(l, self.read(l).to(recipe.device), stats, recipe)
-                self.solved.results[l.node] = compact(res)
+                kept, self.solved.losses[l.node] = solve_kept(l, self.read(l).to(recipe.device), stats, recipe)
+                self.solved.results[l.node] = kept
 
     def _keep(self, block: _Block, l: LinearLayer, res: QuantResult, loss: float) -> None:
         """Record a solved layer: compact result and loss for the rewrite, fake-quant weight and bias for the runs."""
@@ -330,6 +330,23 @@ class Kept:
         if self.bits > 4:
             return self.codes
         return torch.stack((self.codes & 15, self.codes >> 4), -1).flatten(1)[:, : self.k]
+
+
+def solve_kept(layer: LinearLayer, W: torch.Tensor, stats: BlockStats | None, recipe: QuantRecipe) -> tuple[Kept, float]:
+    """`solve_layer` for a layer that is only written, not run: compacted, and solved ROW_PIECE rows at a time where
+    the recipe's rows are independent (GPTQ, RTN), so no whole fake-quant weight of a large layer (an LM head) is held."""
+    if recipe.algo not in ("gptq", "rtn") or len(W) <= ROW_PIECE:
+        res, loss = solve_layer(layer, W, stats, recipe)
+        return compact(res), loss
+    parts, loss = [], 0.0
+    for r in range(0, len(W), ROW_PIECE):
+        res, piece_loss = solve_layer(layer, W[r:r + ROW_PIECE], stats, recipe)
+        parts.append(compact(res))
+        loss += piece_loss
+        del res
+    cat = lambda f: torch.cat([getattr(p, f) for p in parts])  # noqa: E731
+    return replace(parts[0], codes=cat("codes"), scales=cat("scales"), zeros=cat("zeros"),
+                   bias=None if parts[0].bias is None else cat("bias")), loss
 
 
 def compact(res: QuantResult) -> Kept:
