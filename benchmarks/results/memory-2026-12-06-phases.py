@@ -1,7 +1,9 @@
 """Peak RSS of a folder quantize by phase (one-off probe: a 20 Hz sampler thread, phases set by wrapped functions; a
 nested phase renames the running one to after-<name> when it returns).
 
-    python benchmarks/results/memory-2026-12-06-phases.py OUT-FOLDER ALGO"""
+    python benchmarks/results/memory-2026-12-06-phases.py OUT-FOLDER ALGO [WINDOWS]
+
+WINDOWS: that many calibration windows of 128 tokens instead of the default recipe's (a quicker run)."""
 import sys, threading, time, os
 import onnxq.pipeline as P
 from onnxq.recipe import QuantRecipe
@@ -24,6 +26,10 @@ def wrap(mod, name):
         finally: peak["phase"] = prev + "+after-" + name if False else "after-" + name
     setattr(mod, name, g)
 import onnxq.solve.loop as L
+import onnxq.graph.io as IO
+wrap(IO.Weights, "release")
+wrap(P, "_check_finite")
+wrap(P, "select_layers")
 import onnxq.solve.dispatch as D
 for n in ["_problem", "_run_solver", "_refine", "layer_loss", "output_bias"]:
     wrap(D, n)
@@ -34,7 +40,8 @@ for n in ["_float_build", "_load_float", "_calibration_windows", "_solve", "_wri
     wrap(P, n)
 out = sys.argv[1]
 algo = sys.argv[2] if len(sys.argv) > 2 else "turboboa"
-rep = P.quantize("smollm2", QuantRecipe(algo=algo), out, progress=False)
+small = dict(calib_windows=int(sys.argv[3]), calib_seq_len=128) if len(sys.argv) > 3 else {}
+rep = P.quantize("smollm2", QuantRecipe(algo=algo, **small), out, progress=False)
 time.sleep(0.2)
 for k, v in per.items(): print(f"{k:30s} {v:6d} MiB")
 print("report peak", rep.peak_rss_mb)
