@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import onnxq.pipeline
 import onnxq.solve.dispatch
+import onnxq.solve.loop
 from onnxq import OnnxqError, QuantRecipe
 from onnxq.cli import app
 from onnxq.pipeline import quantize
@@ -206,7 +207,7 @@ def test_unwritable_output(tmp_path, good, text, where):
 
 def test_interrupted_run_writes_nothing(tmp_path, good, text, monkeypatch):
     calls = []
-    real = onnxq.pipeline.solve_layer
+    real = onnxq.solve.loop.solve_layer
 
     def solve_then_interrupt(*args, **kwargs):
         calls.append(1)
@@ -214,7 +215,7 @@ def test_interrupted_run_writes_nothing(tmp_path, good, text, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onnxq.pipeline, "solve_layer", solve_then_interrupt)
+    monkeypatch.setattr(onnxq.solve.loop, "solve_layer", solve_then_interrupt)
     monkeypatch.setattr(onnxq.solve.dispatch, "solve_layer", solve_then_interrupt)  # solve_block's parallel layers
     out = tmp_path / "q.onnx"
     res = runner.invoke(app, ["quantize", str(good), "-o", str(out), "--calib", str(text), *CALIB])
