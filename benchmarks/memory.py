@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
               "versions": versions(), "model": str(model), "file_mib": round(Path(model).stat().st_size / MIB, 1),
               "rows": []}
     onnxq = str(Path(sys.executable).with_name("onnxq"))  # the console script beside this interpreter
+    args.work.mkdir(parents=True, exist_ok=True)
     for name in args.algos:
         algo, one_lane = name.split(":")[0], name.endswith(":1")
-        args.work.mkdir(parents=True, exist_ok=True)
         if name == "main":
             out = args.work / "main"
             cmd = [onnxq, "quantize", "smollm2", "-o", str(out)]

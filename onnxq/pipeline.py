@@ -108,14 +108,15 @@ def quantize(
             raise OnnxqError(f"weight of {l.node} is not a constant initializer: export the model with constant weights")
         _check_finite(l, read_array(weights[l.weight], folder))
     data_free = recipe.algo == "rtn" and recipe.grid != "hessian"  # nothing to calibrate
+    in_blocks = [] if data_free else [l for l in layers if l.block is not None]  # calibrated block by block
     windows, gen_s, calib_text = _calibration_windows(model, path, recipe, calib, windows, data_free=data_free, ep=ep,
                                                       progress=progress)
     solved = Solved()
     if sized:  # choose each layer's format under the size budget, then let go of what normalize read
-        recipe, proto = _choose_formats(proto, layers, windows, recipe, solved, build=build, data_free=data_free,
-                                        weights=weights, read=read, folder=folder, ep=ep, progress=progress)
-    _solve(proto, layers, windows, recipe, solved, to_folder=to_folder, data_free=data_free, read=read, folder=folder,
-           ep=ep, progress=progress)
+        recipe, proto = _choose_formats(proto, layers, in_blocks, windows, recipe, solved, build=build, weights=weights,
+                                        read=read, folder=folder, ep=ep, progress=progress)
+    _solve(proto, layers, in_blocks, windows, recipe, solved, to_folder=to_folder, read=read, folder=folder, ep=ep,
+           progress=progress)
     info = _provenance(recipe, rotation, calib, windows, path)
     n_solved = len(solved.results)
     if to_folder:
@@ -198,16 +199,15 @@ def _calibration_windows(model, path, recipe: QuantRecipe, calib: str, windows: 
     return windows, gen_s, calib_text
 
 
-def _choose_formats(proto: onnx.ModelProto, layers: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe,
-                    solved: Solved, *, build, data_free: bool, weights: dict, read, folder, ep: str,
-                    progress: bool) -> tuple[QuantRecipe, onnx.ModelProto]:
+def _choose_formats(proto: onnx.ModelProto, layers: list[LinearLayer], in_blocks: list[LinearLayer],
+                    windows: np.ndarray, recipe: QuantRecipe, solved: Solved, *, build, weights: dict, read, folder,
+                    ep: str, progress: bool) -> tuple[QuantRecipe, onnx.ModelProto]:
     """--size-mb / --bpw: the recipe with each decoder layer's format, and the proto with what normalize read let go
     (`weights` updated to it)."""
     from .graph.io import load_model
 
     tc = time.perf_counter()
     to_folder = build is not None
-    in_blocks = [] if data_free else [l for l in layers if l.block is not None]
     graph = load_model(build / "model.onnx", load_weights=False) if to_folder else proto
     formats, solved.allocation = _allocate(proto, graph, layers, in_blocks, windows, recipe, read=read, ep=ep,
                                            folder=folder, progress=progress, packed_qkv=to_folder)
@@ -218,13 +218,12 @@ def _choose_formats(proto: onnx.ModelProto, layers: list[LinearLayer], windows: 
     return replace(recipe, layer_formats=formats), proto
 
 
-def _solve(proto: onnx.ModelProto, layers: list[LinearLayer], windows: np.ndarray, recipe: QuantRecipe,
-           solved: Solved, *, to_folder: bool, data_free: bool, read, folder, ep: str, progress: bool) -> None:
+def _solve(proto: onnx.ModelProto, layers: list[LinearLayer], in_blocks: list[LinearLayer], windows: np.ndarray,
+           recipe: QuantRecipe, solved: Solved, *, to_folder: bool, read, folder, ep: str, progress: bool) -> None:
     """Every layer solved into `solved`: decoder blocks calibrated one by one, then the layers outside them (a
     folder's head after the last block's output, the rest uncalibrated)."""
-    in_blocks = [] if data_free else [l for l in layers if l.block is not None]
-    head = [l for l in layers if l.block is None and to_folder and not data_free]  # calibrated after the last block
     if in_blocks:
+        head = [l for l in layers if l.block is None and to_folder]  # calibrated after the last block
         BlockLoop(proto, in_blocks, windows, recipe, solved, read=read, ep=ep, folder=folder).run(head, progress=progress)
     for l in layers:
         if l.node not in solved.results:  # outside decoder blocks (e.g. an included lm_head) or data-free RTN

@@ -14,7 +14,6 @@ import torch
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-import onnxq.pipeline
 import onnxq.solve.dispatch
 import onnxq.solve.loop
 from onnxq import OnnxqError, QuantRecipe
