@@ -167,9 +167,9 @@ def quantize(
     **advanced,
 ) -> None:
     """Quantize the linear layers of a model and write a generation-ready folder, MatMulNBits or QDQ."""
-    from .graph.io import check_output_path
     from .pipeline import quantize as run_quantize
-    from .calibrate.selfcalib import calib_text_path, save_text
+    from .calibrate.selfcalib import calib_text_path
+    from .graph.io import check_output_path, write_text_atomic
     from .report import check_report_path, report_file
     from .formats.targets import advise, support
 
@@ -197,7 +197,7 @@ def quantize(
         f"peak RSS {qrep.peak_rss_mb:.0f} MiB" + (f" (+ {qrep.helper_rss_mb:.0f} MiB solver helper)" if qrep.helper_rss_mb else "")
     )
     if calib_file and qrep.calib_text:
-        save_text(calib_file, qrep.calib_text)
+        write_text_atomic(calib_file, qrep.calib_text)
         console.print(f"calibration text sampled from the float model in {qrep.calib_generation_seconds} s "
                       f"(included above): {calib_file}", highlight=False, soft_wrap=True)
     for note in qrep.notes:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import OnnxqError
-from .graph.io import check_output_path, one_line, sibling_path
+from .graph.io import check_output_path, one_line, sibling_path, write_text_atomic
 
 
 @dataclass
@@ -100,14 +100,8 @@ def write_report(stem: str | Path, data: dict, markdown: str) -> tuple[Path, Pat
     """Write `<stem>.json` and `<stem>.md`, each to a temp file in the same folder and then renamed."""
     paths = _report_paths(stem)
     try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, text in zip(paths, (json.dumps(data, indent=2), markdown)):
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:
-                tmp.write_text(text)
-                tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text_atomic(path, text)
     except OSError as err:
         raise OnnxqError(f"cannot write the report {stem}: {one_line(err)}: choose a writable --report path") from None
     return paths

@@ -122,6 +122,16 @@ def test_failed_save_leaves_no_temp_files(tmp_path, monkeypatch, external_data, 
     assert model.SerializeToString() == matmul_model().SerializeToString()  # weights put back
 
 
+def test_text_write_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "calib.txt"
+    io.write_text_atomic(target, "naïve text\n")
+    assert target.read_text(encoding="utf-8") == "naïve text\n"
+    monkeypatch.setattr(io.os, "replace", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        io.write_text_atomic(target, "new")
+    assert os.listdir(target.parent) == ["calib.txt"] and target.read_text(encoding="utf-8") == "naïve text\n"
+
+
 def test_refuses_to_overwrite_the_source(external):
     before = external.read_bytes()
     one_line_error(lambda: save_model_atomic(load_model(external), external, source=external), "is the input model")

@@ -10,7 +10,6 @@ openings (STARTS). Special tokens (EOS, BOS, chat markers) are never sampled, so
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -192,10 +191,3 @@ def calib_text_path(output: str | Path) -> Path:
     output: `<folder>.calib.txt` beside it)."""
     return sibling_path(output, ".calib.txt", (".onnx",))
 
-
-def save_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

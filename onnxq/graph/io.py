@@ -780,6 +780,18 @@ def sibling_path(path: str | os.PathLike, suffix: str, replaces: tuple[str, ...]
     return path.with_name(path.name + suffix)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temp file in the same folder and a rename; a failure leaves no file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(_temp_name(path))
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _temp_name(final: Path) -> str:
     """A fresh hidden name next to `final` (opened later with mode "xb", so the umask applies as usual)."""
     return str(final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
