@@ -255,11 +255,11 @@ class Weights:
     def release(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of `model` with its large inline initializers detached here; drop `model`. Tensors equal to their
         bytes in the source file point back at it instead of being held in memory."""
-        model, memory = detach_weights(model)
-        for name, data in memory.items():
+        for name, data in _detached(model):  # one tensor's bytes at a time: most go straight back to the file
             if not self.memory.reattach(name, data):
                 self.memory[name] = data
-        return model
+            del data
+        return _slim_copy(model)
 
 
 class FileSpans(MutableMapping):
@@ -504,15 +504,26 @@ def detach_weights(model: onnx.ModelProto, keep: Iterable[str] = ()) -> tuple[on
     so weight-free copies for shape inference and the like would leave garbage as big as the weights; a small proto
     plus `Weights(folder, memory)` avoids that. `model` is left without those weights: drop it.
     """
+    memory = dict(_detached(model, keep))
+    return _slim_copy(model), memory
+
+
+def _detached(model: onnx.ModelProto, keep: Iterable[str] = ()) -> Iterator[tuple[str, bytes]]:
+    """Name and raw data of each large inline initializer of `model` (except `keep`), cleared from it as it goes."""
     keep = set(keep)
-    memory = {}
     for t in _large_initializers(model, _MIN_EXTERNAL_BYTES):
         if t.name not in keep:
-            memory[t.name] = t.raw_data
+            data = t.raw_data
             t.ClearField("raw_data")
+            yield t.name, data
+            del data
+
+
+def _slim_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A fresh copy of `model`: with the upb runtime, the only way to free what ClearField left."""
     slim = onnx.ModelProto()
     slim.CopyFrom(model)  # copies only what is left: graph, small tensors, metadata
-    return slim, memory
+    return slim
 
 
 def read_array(tensor: onnx.TensorProto, folder: str | os.PathLike | Weights) -> np.ndarray:
