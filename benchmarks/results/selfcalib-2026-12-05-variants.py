@@ -13,9 +13,11 @@ from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.report import evaluate
 
-def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, drop=0):
+def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, drop=0, top_p=1.0, min_p=0.0):
     """n windows; first sampled token then `greedy` argmax tokens; keep: of n, the `keep` nearest the median NLL;
-    start_ids: every window starts with these ids; drop: sample 512 + drop ids, then drop the first `drop` columns."""
+    start_ids: every window starts with these ids; drop: sample 512 + drop ids, then drop the first `drop` columns;
+    top_p: sample within the smallest set of ids holding that much probability (nucleus); min_p: only ids with at
+    least min_p times the top id's probability (both after the temperature)."""
     t0 = time.perf_counter()
     path = sc.generation_graph("smollm2"); tok = load_tokenizer(path)
     rng = np.random.default_rng(seed)
@@ -30,7 +32,7 @@ def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, dro
         if 2 <= t["i"] <= 1 + greedy:
             ids = z.argmax(1)
         else:
-            ids = sc.sample(logits, rng, temperature=temp, top_k=0, banned=banned)
+            ids = sc.sample(truncate(z / temp, top_p, min_p), rng, temperature=1.0, top_k=0, banned=banned)
         lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
         nll[:] += lse - z[np.arange(n), ids]
         return ids
@@ -41,6 +43,19 @@ def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, dro
         order = np.argsort(np.abs(per - np.median(per)))[:keep]
         w = w[np.sort(order)]
     return w, time.perf_counter() - t0, tok
+
+def truncate(z, top_p, min_p):
+    """Logits [b, V] with the ids outside the nucleus (top_p) or under min_p x the top probability set to -inf."""
+    p = np.exp(z - z.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    out = z.copy()
+    if min_p > 0:
+        out[p < min_p * p.max(1, keepdims=True)] = -np.inf
+    if top_p < 1:
+        order = np.argsort(-p, axis=1)
+        ps = np.take_along_axis(p, order, axis=1)
+        drop = np.cumsum(ps, axis=1) - ps >= top_p  # ids after the nucleus is already full
+        np.put_along_axis(out, order, np.where(drop, -np.inf, np.take_along_axis(out, order, axis=1)), axis=1)
+    return out
 
 os.makedirs("out/selfcalib-variants", exist_ok=True)
 name, bits, group = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
