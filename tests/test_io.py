@@ -238,6 +238,30 @@ def test_released_tensors_go_back_to_the_file(inline):
     assert all(store.detached(t) for t in lazy.graph.initializer if t.name in names)
 
 
+def test_a_transpose_of_a_file_matrix_is_read_from_the_file(inline, tmp_path, monkeypatch):
+    """A head made from its embedding (or any matrix equal to another's transpose) is not held after release."""
+    monkeypatch.setattr(io, "_SLAB", 256)  # several slabs per matrix
+    lazy, store = io.load_weightless(inline)
+    full = load_model(inline)
+    arrays = {t.name: numpy_helper.to_array(t) for t in full.graph.initializer}
+    almost = arrays["model.embed_tokens.weight"].T.copy()
+    almost[-1, -1] += 1
+    made = {"head": arrays["model.embed_tokens.weight"].T, "k_t": arrays["/model/layers.1/self_attn/k_proj.weight"].T,
+            "almost": almost}
+    for model in (lazy, full):
+        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in made.items())
+    lazy = store.release(lazy)
+    assert store.memory.transposes.keys() == {"head", "k_t"} and store.memory.held.keys() == {"almost"}
+    assert store.memory.transposes["k_t"][0] == "/model/layers.1/self_attn/k_proj.weight"
+    for t in lazy.graph.initializer:
+        if t.name in made:
+            assert io.read_array(t, store).tobytes() == np.ascontiguousarray(made[t.name]).tobytes()
+            assert store.memory[t.name] == np.ascontiguousarray(made[t.name]).tobytes()
+    save_model_atomic(lazy, tmp_path / "lazy.onnx", weights=store)
+    save_model_atomic(full, tmp_path / "full.onnx")
+    assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "full.onnx").read_bytes()
+
+
 @pytest.mark.parametrize("path, suffix, replaces, expected", [
     ("out/w3-d0.1", ".json", (".json", ".md"), "out/w3-d0.1.json"),  # a dot inside a name stays
     ("out/r.json", ".md", (".json", ".md"), "out/r.md"),  # a given ending is replaced

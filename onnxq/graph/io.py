@@ -229,6 +229,8 @@ class Weights:
         spans = self.memory
         if self.detached(t) and t.name in spans.held:
             data = np.frombuffer(spans.held[t.name], dtype)
+        elif self.detached(t) and t.name in spans.transposes:
+            data = spans.transposed(t.name).reshape(-1)
         else:
             if self.detached(t):
                 (offset, length), file = spans.spans[t.name], spans.path
@@ -254,23 +256,35 @@ class Weights:
 
     def release(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of `model` with its large inline initializers detached here; drop `model`. Tensors equal to their
-        bytes in the source file point back at it instead of being held in memory."""
+        bytes in the source file, or to the transpose of a matrix there (a tied head made from its embedding), are
+        read from the file again when needed instead of being held in memory."""
+        inits = {t.name: t for t in model.graph.initializer}
         for name, data in _detached(model):  # one tensor's bytes at a time: most go straight back to the file
-            if not self.memory.reattach(name, data):
+            if not self.memory.reattach(name, data) and not self._retranspose(inits[name], data, inits):
                 self.memory[name] = data
             del data
         return _slim_copy(model)
 
+    def _retranspose(self, t: onnx.TensorProto, data: bytes, inits: Mapping[str, onnx.TensorProto]) -> bool:
+        """Whether matrix `t` (its `data`) is now read as the transpose of another of `inits`' matrices in the file."""
+        if len(t.dims) != 2 or t.data_type not in _NUMPY_TYPES:
+            return False
+        dims = list(reversed(t.dims))
+        candidates = [n for n, u in inits.items() if u.data_type == t.data_type and list(u.dims) == dims]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        return self.memory.retranspose(t.name, data, dtype, tuple(t.dims), [n for n in candidates if n != t.name])
+
 
 class FileSpans(MutableMapping):
     """Initializer bytes by name, read on demand from spans of one file (a model's inline weights left on disk; no
-    file: none); a name set to bytes is held in memory instead."""
+    file: none), or made on demand as the transpose of a matrix there; a name set to bytes is held in memory instead."""
 
     def __init__(self, path: str | os.PathLike | None, spans: dict[str, tuple[int, int]]):
         self.path = None if path is None else Path(path)
         self.spans = dict(spans)  # name -> (offset, length) in `path`
         self.origin = dict(spans)  # every span the file has, also of names since set or deleted
         self.held: dict[str, bytes] = {}
+        self.transposes: dict[str, tuple[str, np.dtype, tuple[int, int]]] = {}  # name -> origin [r, c] it is .T of
 
     @classmethod
     def holding(cls, data: Mapping[str, bytes]) -> FileSpans:
@@ -282,39 +296,48 @@ class FileSpans(MutableMapping):
     def __getitem__(self, name: str) -> bytes:
         if name in self.held:
             return self.held[name]
-        offset, length = self.spans[name]
-        return self.read(name, 0, length)
+        return self.read(name, 0, self.length(name))
 
     def __setitem__(self, name: str, data: bytes) -> None:
         self.spans.pop(name, None)
+        self.transposes.pop(name, None)
         self.held[name] = data
 
     def __delitem__(self, name: str) -> None:
-        if self.held.pop(name, None) is None:
+        if self.held.pop(name, None) is None and self.transposes.pop(name, None) is None:
             del self.spans[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter([*self.held, *(n for n in self.spans if n not in self.held)])
+        return iter([*self.held, *self.transposes, *(n for n in self.spans if n not in self.held)])
 
     def __len__(self) -> int:
-        return len(self.held) + len(self.spans)
+        return len(self.held) + len(self.transposes) + len(self.spans)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.held or name in self.spans
+        return name in self.held or name in self.transposes or name in self.spans
 
     def clear(self) -> None:
         self.held.clear()
+        self.transposes.clear()
         self.spans.clear()
 
     def length(self, name: str) -> int:
         """Bytes of `name`'s data."""
+        if name in self.transposes:
+            _, dtype, (rows, cols) = self.transposes[name]
+            return rows * cols * dtype.itemsize
         return len(self.held[name]) if name in self.held else self.spans[name][1]
 
     def read(self, name: str, start: int, size: int) -> bytes:
         """Bytes [start, start + size) of `name`'s data."""
         if name in self.held:
             return self.held[name][start : start + size]
-        offset, length = self.spans[name]
+        if name in self.transposes:
+            return self.transposed(name).reshape(-1).view(np.uint8)[start : start + size].tobytes()
+        return self._pread(name, *self.spans[name], start, size)
+
+    def _pread(self, name: str, offset: int, length: int, start: int, size: int) -> bytes:
+        """Bytes [start, start + size) of the span (offset, length) of the file that holds `name`'s data."""
         size = max(0, min(size, length - start))
         with open(self.path, "rb") as f:
             data = os.pread(f.fileno(), size, offset + start)
@@ -322,11 +345,46 @@ class FileSpans(MutableMapping):
             raise OnnxqError(f"{self.path.name} ends inside tensor {name!r}: the file is truncated; copy it again")
         return data
 
+    def transposed(self, name: str) -> np.ndarray:
+        """The data of a transposed entry as a [c, r] array, built from its origin matrix a slab of rows at a time."""
+        src, dtype, (rows, cols) = self.transposes[name]
+        out = np.empty((cols, rows), dtype)
+        step = max(1, _SLAB // (cols * dtype.itemsize))
+        for r in range(0, rows, step):
+            slab = self._pread(src, *self.origin[src], r * cols * dtype.itemsize, step * cols * dtype.itemsize)
+            out[:, r : r + step] = np.frombuffer(slab, dtype).reshape(-1, cols).T
+        return out
+
+    def retranspose(self, name: str, data: bytes, dtype: np.dtype, shape: tuple[int, int],
+                    candidates: Iterable[str]) -> bool:
+        """Make `name` (data of `shape`) the transpose of a candidate's matrix in the file if it equals it; whether
+        it does (a first slab rules out the others cheaply)."""
+        bits = np.dtype(f"u{dtype.itemsize}")  # compared bit for bit (-0.0 is not 0.0 here)
+        held = np.frombuffer(data, bits).reshape(shape)
+        step = max(1, _SLAB // (shape[0] * dtype.itemsize))
+        for src in candidates:
+            if self.origin.get(src, (0, -1))[1] != len(data):
+                continue
+            offset, length = self.origin[src]
+            if all(np.array_equal(np.frombuffer(self._pread(src, offset, length, c * shape[0] * dtype.itemsize,
+                                                            step * shape[0] * dtype.itemsize), bits),
+                                  held[:, c : c + step].T.reshape(-1))
+                   for c in range(0, shape[1], step)):
+                self.held.pop(name, None)
+                self.spans.pop(name, None)
+                self.transposes[name] = (src, dtype, (shape[1], shape[0]))
+                return True
+        return False
+
     def copy_to(self, name: str, out) -> int:
         """Write `name`'s data to file `out` in chunks; returns its length."""
         if name in self.held:
             out.write(self.held[name])
             return len(self.held[name])
+        if name in self.transposes:
+            data = self.transposed(name)
+            out.write(data.data)
+            return data.nbytes
         length = self.spans[name][1]
         for start in range(0, length, _CHUNK):
             out.write(self.read(name, start, _CHUNK))
@@ -346,6 +404,7 @@ class FileSpans(MutableMapping):
 
 
 _CHUNK = 64 << 20  # bytes per read when copying tensor data between files
+_SLAB = 8 << 20  # bytes per read when comparing or transposing a matrix (each slab has a strided copy beside it)
 _NUMPY_TYPES = {getattr(onnx.TensorProto, n) for n in (
     "FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL")}
 
