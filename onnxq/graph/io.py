@@ -395,6 +395,7 @@ class FileSpans(MutableMapping):
         if name not in self.origin or self.origin[name][1] != len(data):
             return False
         self.held.pop(name, None)
+        self.transposes.pop(name, None)
         self.spans[name] = self.origin[name]
         view = memoryview(data)
         if all(self.read(name, i, _CHUNK) == view[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)):
