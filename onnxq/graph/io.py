@@ -358,18 +358,20 @@ class FileSpans(MutableMapping):
     def retranspose(self, name: str, data: bytes, dtype: np.dtype, shape: tuple[int, int],
                     candidates: Iterable[str]) -> bool:
         """Make `name` (data of `shape`) the transpose of a candidate's matrix in the file if it equals it; whether
-        it does (a first slab rules out the others cheaply)."""
+        it does (one row of each candidate rules most out, then slabs compare the rest)."""
         bits = np.dtype(f"u{dtype.itemsize}")  # compared bit for bit (-0.0 is not 0.0 here)
         held = np.frombuffer(data, bits).reshape(shape)
-        step = max(1, _SLAB // (shape[0] * dtype.itemsize))
+        row = shape[0] * dtype.itemsize  # bytes of one row of the candidate: one column of `name`
+
+        def same(src: str, c: int, n: int) -> bool:  # candidate rows [c, c + n) == columns [c, c + n) of `name`
+            got = np.frombuffer(self._pread(src, *self.origin[src], c * row, n * row), bits)
+            return np.array_equal(got, held[:, c : c + n].T.reshape(-1))
+
+        step = max(1, _SLAB // row)
         for src in candidates:
-            if self.origin.get(src, (0, -1))[1] != len(data):
+            if self.origin.get(src, (0, -1))[1] != len(data) or not same(src, 0, 1):
                 continue
-            offset, length = self.origin[src]
-            if all(np.array_equal(np.frombuffer(self._pread(src, offset, length, c * shape[0] * dtype.itemsize,
-                                                            step * shape[0] * dtype.itemsize), bits),
-                                  held[:, c : c + step].T.reshape(-1))
-                   for c in range(0, shape[1], step)):
+            if all(same(src, c, step) for c in range(0, shape[1], step)):
                 self.held.pop(name, None)
                 self.spans.pop(name, None)
                 self.transposes[name] = (src, dtype, (shape[1], shape[0]))
