@@ -2,6 +2,8 @@
 
     python benchmarks/results/selfcalib-2026-12-05-variants.py NAME BITS GROUP JSON-OPTIONS
 
+NAME sotu*: the SOTU-text reference (sotu-calib, quantize's own window sampling) with OPTIONS' n windows.
+
 Ran from /tmp/s6 as exp.py; only its paths were changed here (outputs under out/selfcalib-variants/)."""
 import os
 import json, sys, time
@@ -68,11 +70,13 @@ if name.startswith("pydoc"):
     tok = load_tokenizer(generation_graph("smollm2"))
     text = "\n\n".join(T.topics[k] for k in sorted(T.topics))
     windows, g = token_windows(tok, text, 512, n, seed=0, random=True), 0.0
+elif name.startswith("sotu"):  # the SOTU-text reference with n windows (quantize's own sampling of sotu-calib)
+    windows, g = None, 0.0
 else:
     windows, g, tok = gen(n, **kw)
     open(f"out/selfcalib-variants/{name}.txt", "w").write(sc.windows_text(tok, windows))
 t0 = time.perf_counter()
-rep = quantize("smollm2", QuantRecipe(algo="turboboa", bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else 16),
+rep = quantize("smollm2", QuantRecipe(algo="turboboa", bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else n),
                f"out/selfcalib-variants/{name}.onnx", windows=windows, progress=False)
 ppl = evaluate(rep.model, f"out/selfcalib-variants/{name}.onnx").quant.ppl
 row = dict(name=name, bits=bits, group=group, kw=sys.argv[4] if len(sys.argv) > 4 else "", n=n, ppl=round(ppl, 3), gen_s=round(g), quant_s=round(rep.total_seconds))
