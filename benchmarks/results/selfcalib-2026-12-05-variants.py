@@ -15,11 +15,14 @@ from onnxq.pipeline import quantize
 from onnxq.recipe import QuantRecipe
 from onnxq.report import evaluate
 
-def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, drop=0, top_p=1.0, min_p=0.0):
+def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, drop=0, top_p=1.0, min_p=0.0,
+        temp_from=None, temp_over=0):
     """n windows; first sampled token then `greedy` argmax tokens; keep: of n, the `keep` nearest the median NLL;
     start_ids: every window starts with these ids; drop: sample 512 + drop ids, then drop the first `drop` columns;
     top_p: sample within the smallest set of ids holding that much probability (nucleus); min_p: only ids with at
-    least min_p times the top id's probability (both after the temperature)."""
+    least min_p times the top id's probability (both after the temperature); temp_from, temp_over: the temperature
+    goes linearly from temp_from at the first sampled token to temp at token temp_over (the schedule of Williams et
+    al., self-calibration, NAACL 2025)."""
     t0 = time.perf_counter()
     path = sc.generation_graph("smollm2"); tok = load_tokenizer(path)
     rng = np.random.default_rng(seed)
@@ -34,7 +37,8 @@ def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, dro
         if 2 <= t["i"] <= 1 + greedy:
             ids = z.argmax(1)
         else:
-            ids = sc.sample(truncate(z / temp, top_p, min_p), rng, temperature=1.0, top_k=0, banned=banned)
+            tt = temp if temp_from is None else temp_from + min(t["i"] - 1, temp_over) / temp_over * (temp - temp_from)
+            ids = sc.sample(truncate(z / tt, top_p, min_p), rng, temperature=1.0, top_k=0, banned=banned)
         lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
         nll[:] += lse - z[np.arange(n), ids]
         return ids
@@ -63,6 +67,7 @@ os.makedirs("out/selfcalib-variants", exist_ok=True)
 name, bits, group = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 kw = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 n = kw.pop("n", 16)
+algo = kw.pop("algo", "turboboa")  # the solver on both sides (TurboBoA unless set)
 if name.startswith("pydoc"):
     import pydoc_data.topics as T
     from onnxq.calibrate.textdata import token_windows
@@ -76,9 +81,9 @@ else:
     windows, g, tok = gen(n, **kw)
     open(f"out/selfcalib-variants/{name}.txt", "w").write(sc.windows_text(tok, windows))
 t0 = time.perf_counter()
-rep = quantize("smollm2", QuantRecipe(algo="turboboa", bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else n),
+rep = quantize("smollm2", QuantRecipe(algo=algo, bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else n),
                f"out/selfcalib-variants/{name}.onnx", windows=windows, progress=False)
 ppl = evaluate(rep.model, f"out/selfcalib-variants/{name}.onnx").quant.ppl
-row = dict(name=name, bits=bits, group=group, kw=sys.argv[4] if len(sys.argv) > 4 else "", n=n, ppl=round(ppl, 3), gen_s=round(g), quant_s=round(rep.total_seconds))
+row = dict(name=name, algo=algo, bits=bits, group=group, kw=sys.argv[4] if len(sys.argv) > 4 else "", n=n, ppl=round(ppl, 3), gen_s=round(g), quant_s=round(rep.total_seconds))
 print(json.dumps(row), flush=True)
 open("out/selfcalib-variants/rows.jsonl", "a").write(json.dumps(row) + "\n")
