@@ -68,6 +68,7 @@ name, bits, group = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 kw = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
 n = kw.pop("n", 16)
 algo = kw.pop("algo", "turboboa")  # the solver on both sides (TurboBoA unless set)
+extra = kw.pop("recipe", {})  # more QuantRecipe fields, e.g. {"rotate": true}
 if name.startswith("pydoc"):
     import pydoc_data.topics as T
     from onnxq.calibrate.textdata import token_windows
@@ -81,7 +82,7 @@ else:
     windows, g, tok = gen(n, **kw)
     open(f"out/selfcalib-variants/{name}.txt", "w").write(sc.windows_text(tok, windows))
 t0 = time.perf_counter()
-rep = quantize("smollm2", QuantRecipe(algo=algo, bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else n),
+rep = quantize("smollm2", QuantRecipe(algo=algo, bits=bits, group_size=group, calib_windows=len(windows) if windows is not None else n, **extra),
                f"out/selfcalib-variants/{name}.onnx", windows=windows, progress=False)
 ppl = evaluate(rep.model, f"out/selfcalib-variants/{name}.onnx").quant.ppl
 row = dict(name=name, algo=algo, bits=bits, group=group, kw=sys.argv[4] if len(sys.argv) > 4 else "", n=n, ppl=round(ppl, 3), gen_s=round(g), quant_s=round(rep.total_seconds))
