@@ -37,7 +37,8 @@ def gen(n, seed, greedy=0, keep=None, temp=1.0, prompt=None, start_ids=None, dro
         if 2 <= t["i"] <= 1 + greedy:
             ids = z.argmax(1)
         else:
-            tt = temp if temp_from is None else temp_from + min(t["i"] - 1, temp_over) / temp_over * (temp - temp_from)
+            done = min(t["i"] - 1, temp_over) / temp_over if temp_over else 1.0  # share of the schedule run
+            tt = temp if temp_from is None else temp_from + done * (temp - temp_from)
             ids = sc.sample(truncate(z / tt, top_p, min_p), rng, temperature=1.0, top_k=0, banned=banned)
         lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
         nll[:] += lse - z[np.arange(n), ids]
