@@ -262,6 +262,22 @@ def test_a_transpose_of_a_file_matrix_is_read_from_the_file(inline, tmp_path, mo
     assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "full.onnx").read_bytes()
 
 
+def test_a_few_bytes_of_a_transpose_are_read_without_building_it(inline, monkeypatch):
+    """A probe of a transposed entry reads its elements from the origin matrix; a long read builds the transpose."""
+    lazy, store = io.load_weightless(inline)
+    table = numpy_helper.to_array(next(t for t in load_model(inline).graph.initializer
+                                       if t.name == "model.embed_tokens.weight"))
+    lazy.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), "head"))
+    store.release(lazy)
+    expected = np.ascontiguousarray(table.T).tobytes()
+    built = []
+    monkeypatch.setattr(store.memory, "transposed", lambda n: built.append(n) or io.FileSpans.transposed(store.memory, n))
+    for start, size in [(0, 4), (6, 5), (4 * table.shape[0] - 2, 9), (len(expected) - 3, 10)]:
+        assert store.memory.read("head", start, size) == expected[start : start + size]
+    assert built == []
+    assert store.memory.read("head", 10, 4 * io._FEW + 8) == expected[10 : 10 + 4 * io._FEW + 8] and built == ["head"]
+
+
 @pytest.mark.parametrize("path, suffix, replaces, expected", [
     ("out/w3-d0.1", ".json", (".json", ".md"), "out/w3-d0.1.json"),  # a dot inside a name stays
     ("out/r.json", ".md", (".json", ".md"), "out/r.md"),  # a given ending is replaced

@@ -333,8 +333,20 @@ class FileSpans(MutableMapping):
         if name in self.held:
             return self.held[name][start : start + size]
         if name in self.transposes:
-            return self.transposed(name).reshape(-1).view(np.uint8)[start : start + size].tobytes()
+            return self._transposed_bytes(name, start, size)
         return self._pread(name, *self.spans[name], start, size)
+
+    def _transposed_bytes(self, name: str, start: int, size: int) -> bytes:
+        """Bytes [start, start + size) of a transposed entry: a few elements read one by one from its origin (a
+        probe), more from the whole transpose."""
+        src, dtype, (rows, cols) = self.transposes[name]
+        end = min(start + size, rows * cols * dtype.itemsize)
+        first, last = start // dtype.itemsize, -(-end // dtype.itemsize)
+        if last - first > _FEW:
+            return self.transposed(name).reshape(-1).view(np.uint8)[start:end].tobytes()
+        at = lambda e: (e % rows * cols + e // rows) * dtype.itemsize  # noqa: E731  element e of the [c, r] transpose
+        data = b"".join(self._pread(src, *self.origin[src], at(e), dtype.itemsize) for e in range(first, last))
+        return data[start - first * dtype.itemsize : end - first * dtype.itemsize]
 
     def _pread(self, name: str, offset: int, length: int, start: int, size: int) -> bytes:
         """Bytes [start, start + size) of the span (offset, length) of the file that holds `name`'s data."""
@@ -408,6 +420,7 @@ class FileSpans(MutableMapping):
 
 _CHUNK = 64 << 20  # bytes per read when copying tensor data between files
 _SLAB = 8 << 20  # bytes per read when comparing or transposing a matrix (each slab has a strided copy beside it)
+_FEW = 4096  # elements of a transposed entry read one by one (a duplicate probe reads 64) rather than transposing it all
 _NUMPY_TYPES = {getattr(onnx.TensorProto, n) for n in (
     "FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL")}
 
