@@ -1,9 +1,10 @@
 """One-off experiment hook, not part of onnxq (this folder on PYTHONPATH; main process and solve workers alike):
 ONNXQ_EXP_DUMP=DIR saves each layer's input statistics (Hessian, TurboBoA's float-stream term, means) as
 DIR/<layer>.pt; ONNXQ_EXP_SWAP=DIR with ONNXQ_EXP_ROLES=q_proj,k_proj,... solves the layers of those roles on the
-statistics saved in DIR instead of their own, in the blocks ONNXQ_EXP_BLOCKS=FIRST-LAST only if set (the attention-weighted ones stay the run's own). Run it with GPTQ,
-whose layer objective is the Hessian alone: under TurboBoA a swapped Hessian meets the run's own float-stream term
-(W dXX^T H^-1 mixes two runs) and the model diverges (PPL 8491 with only q_proj swapped)."""
+statistics saved in DIR instead of their own (only in blocks FIRST to LAST if ONNXQ_EXP_BLOCKS=FIRST-LAST is set;
+the attention-weighted statistics stay the run's own). Run it with GPTQ, whose layer objective is the Hessian alone:
+under TurboBoA a swapped Hessian meets the run's own float-stream term (W dXX^T H^-1 mixes two runs) and the model
+diverges (PPL 8491 with only q_proj swapped)."""
 import os
 
 _dump, _swap = os.environ.get("ONNXQ_EXP_DUMP"), os.environ.get("ONNXQ_EXP_SWAP")
@@ -27,20 +28,3 @@ if _dump or _swap:
         return _problem(layer, dev, cov, stats, recipe, spec)
 
     _dispatch._problem = _hooked
-
-_catch = os.environ.get("ONNXQ_EXP_CATCH")
-if _catch:  # save the inputs of the first layer whose codes or zero points leave the grid, for a replay
-    import torch
-
-    from onnxq.solve import dispatch as _dispatch
-
-    _solve = _dispatch._solve
-
-    def _checked(layer, W, stats, recipe):
-        res, loss = _solve(layer, W, stats, recipe)
-        top = 2 ** res.bits - 1
-        if not os.path.exists(_catch) and any(bool(((t < 0) | (t > top)).any()) for t in (res.codes, res.zeros)):
-            torch.save(dict(layer=layer, W=W, stats=stats, recipe=recipe), _catch)
-        return res, loss
-
-    _dispatch._solve = _checked
