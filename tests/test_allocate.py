@@ -9,14 +9,18 @@ from onnx import numpy_helper
 from onnxq.errors import OnnxqError
 from onnxq.formats.rewrite import QuantizedWeight, to_matmulnbits
 from onnxq.solve.allocate import (
-    CANDIDATES, Candidate, allocate, bits_per_weight, bpw_budget, candidate_losses, candidates, layer_sizes,
-    matmulnbits_bytes,
+    CANDIDATES, Candidate, allocate, bpw_budget, candidate_losses, candidates, matmulnbits_bytes,
 )
 from tests.problems import problem
 from tests.tiny import matmul_model
 
 ZERO_KINDS = {"sym": (True, False), "int": (False, False), "float": (False, True)}  # -> (sym, float_zero)
 ALL = [Candidate(b, g) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1)]
+
+
+def layer_sizes(k, n, cands=CANDIDATES, *, sym, float_zero) -> dict:
+    """matmulnbits_bytes of each candidate for one [K, N] MatMul."""
+    return {c: matmulnbits_bytes(k, n, c, sym=sym, float_zero=float_zero) for c in cands}
 
 
 def random_weight(k, n, cand, zeros, rng) -> QuantizedWeight:
@@ -70,10 +74,9 @@ def test_candidates_keep_what_runs():
         Candidate(4, 16)
 
 
-def test_bits_per_weight_and_budget():
+def test_bpw_budget_is_the_bytes_of_that_many_bits():
     shapes = [(128, 128), (256, 64)]
-    w4 = [Candidate(4, 128)] * 2
-    assert bits_per_weight(shapes, w4, sym=True, float_zero=False) == 4 + 32 / 128  # one fp32 scale per 128 weights
+    w4 = [Candidate(4, 128)] * 2  # sym: 4 bits + one fp32 scale per 128 weights = 4.25 bits per weight
     budget = bpw_budget(4.25, shapes)
     assert budget == sum(matmulnbits_bytes(k, n, c, sym=True, float_zero=False) for (k, n), c in zip(shapes, w4))
 

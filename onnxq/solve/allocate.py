@@ -71,11 +71,6 @@ def matmulnbits_bytes(k: int, n: int, cand: Candidate, *, sym: bool, float_zero:
     return sum(stored_bytes(b, external) for b in (blob, scales, zeros) if b)
 
 
-def layer_sizes(k: int, n: int, cands=CANDIDATES, *, sym: bool, float_zero: bool, scale_bytes: int = 4) -> dict[Candidate, int]:
-    """matmulnbits_bytes of each candidate for one [K, N] MatMul."""
-    return {c: matmulnbits_bytes(k, n, c, sym=sym, float_zero=float_zero, scale_bytes=scale_bytes) for c in cands}
-
-
 def candidate_losses(
     W: Tensor, H: Tensor, cands=CANDIDATES, *, solver: str = "gptq", sym: bool = False, float_zero: bool = False,
     damp: float = 0.01,
@@ -141,14 +136,6 @@ def _knapsack(extra: list[np.ndarray], loss: list[np.ndarray], cap: int) -> list
         chosen.append(int(pick[c]))
         c -= int(e[chosen[-1]])
     return chosen[::-1]
-
-
-def bits_per_weight(shapes: list[tuple[int, int]], chosen: list[Candidate], *, sym: bool, float_zero: bool,
-                    scale_bytes: int = 4) -> float:
-    """Stored bits per weight of MatMuls [K, N] in their chosen formats (scales and zero points included)."""
-    total = sum(matmulnbits_bytes(k, n, c, sym=sym, float_zero=float_zero, scale_bytes=scale_bytes)
-                for (k, n), c in zip(shapes, chosen, strict=True))
-    return total * 8 / sum(k * n for k, n in shapes)
 
 
 def bpw_budget(bpw: float, shapes: list[tuple[int, int]]) -> int:
