@@ -286,3 +286,32 @@ def test_a_few_bytes_of_a_transpose_are_read_without_building_it(inline, monkeyp
 ])
 def test_sibling_paths_add_their_suffix(path, suffix, replaces, expected):
     assert io.sibling_path(path, suffix, replaces) == Path(expected)
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.onnx").write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("replace", [True, False])
+def test_a_failed_folder_write_leaves_nothing_and_keeps_the_earlier_folder(tmp_path, replace):
+    earlier = _folder(tmp_path / "out", "earlier")
+    with pytest.raises(RuntimeError), io.atomic_dir(earlier, replace=replace) as tmp:
+        (tmp / "model.onnx").write_text("half")
+        raise RuntimeError("solver failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (earlier / "model.onnx").read_text() == "earlier"
+
+
+def test_an_output_folder_replaces_the_earlier_one_and_a_cache_keeps_it(tmp_path):
+    for replace, kept in ((True, "new"), (False, "earlier")):
+        final = _folder(tmp_path / str(replace), "earlier")
+        with io.atomic_dir(final, replace=replace) as tmp:
+            (tmp / "model.onnx").write_text("new")
+        assert (final / "model.onnx").read_text() == kept
+    with io.atomic_dir(tmp_path / "empty-then-new") as tmp:  # an empty folder is no finished cache
+        (tmp_path / "empty-then-new").mkdir()
+        (tmp / "model.onnx").write_text("new")
+    assert (tmp_path / "empty-then-new" / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["False", "True", "empty-then-new"]  # no temp folder left

@@ -72,7 +72,8 @@ def run_builder(hf_folder: Path, out: Path, *, precision: str = "fp32", ep: str 
 
 def float_build(hf_folder: Path) -> Path:
     """The builder's fp32 CPU graph of `hf_folder`, built once and cached; returns its folder."""
-    from onnxq.models.export import _atomic_dir, _fingerprint
+    from onnxq.graph.io import atomic_dir
+    from onnxq.models.export import _fingerprint
     from onnxq.models.registry import cache_dir
 
     hf_folder = Path(hf_folder)
@@ -82,7 +83,7 @@ def float_build(hf_folder: Path) -> Path:
     final = cache_dir() / "genai" / f"{hf_folder.name}-{_fingerprint(hf_folder)}-fp32"
     if (final / "model.onnx").is_file():
         return final
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         run_builder(hf_folder, tmp / "build")
         for p in (tmp / "build").iterdir():
             p.rename(tmp / p.name)

@@ -8,10 +8,8 @@ written as MatMulNBits; a tied embedding becomes GatherBlockQuantized over the L
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.analysis.layers import LinearLayer
 from onnxq.errors import OnnxqError
-from onnxq.graph.io import read_array, save_model_atomic
+from onnxq.graph.io import atomic_dir, existing_parent, read_array, save_model_atomic
 from onnxq.graph.metadata import add_provenance
 from onnxq.graph.normalize import Names, remove_unused
 from onnxq.formats.rewrite import MS_DOMAIN, QuantizedWeight, to_matmulnbits
@@ -146,7 +144,8 @@ def write_folder(build: Path, graph: onnx.ModelProto, packed: dict[str, Quantize
     hidden = config["model"]["decoder"]["hidden_size"]
     embedding = quantized_embedding(graph, hidden) if HEAD in packed else False
     add_provenance(graph, provenance)
-    with _replacing_dir(out) as tmp:
+    check_folder_output(out)
+    with atomic_dir(out, replace=True) as tmp:
         save_model_atomic(graph, tmp / "model.onnx", external_data=True, source=src)
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=4))
         for name in _TOKENIZER_FILES:
@@ -182,36 +181,6 @@ def check_folder_output(folder: Path) -> None:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "genai_config.json").is_file():
         raise OnnxqError(f"output folder {folder} is not empty and holds no earlier generation-ready model: give a new "
                          "or empty folder")
-    parent = folder.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = existing_parent(folder)
     if not parent.is_dir():
         raise OnnxqError(f"cannot write {folder}: {parent} is not a folder")
-
-
-class _replacing_dir:
-    """Build a folder beside `final` and move it into place at the end; an earlier onnxq folder there is replaced,
-    any other non-empty folder is refused; on failure nothing is left."""
-
-    def __init__(self, final: Path):
-        self.final = Path(final)
-
-    def __enter__(self) -> Path:
-        f = self.final
-        check_folder_output(f)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{f.name}.tmp-", dir=f.parent))
-        self.tmp.chmod(0o755)
-        return self.tmp
-
-    def __exit__(self, kind, *_):
-        if kind is None:
-            old = None
-            if self.final.is_dir():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
-                os.replace(self.final, old / "x")
-            os.replace(self.tmp, self.final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return False

@@ -4,7 +4,10 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -629,6 +632,45 @@ def load_tensor_data(tensors: Iterable[onnx.TensorProto], folder: str | os.PathL
                 raise OnnxqError(f"cannot read the external data of tensor {t.name!r}: {one_line(err)}") from None
 
 
+def existing_parent(path: str | os.PathLike) -> Path:
+    """The nearest folder above `path` that exists (where writing it would create the missing ones)."""
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `final` that becomes `final` only if the body completes; a failure leaves nothing.
+
+    An earlier folder at `final` is replaced with `replace` (an output); without, it is kept (a cache that a
+    concurrent run has just finished), unless it is empty."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs and caches are ordinary folders
+    old = None
+    try:
+        yield tmp
+        if final.is_dir() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+        elif final.is_dir() and not any(final.iterdir()):
+            final.rmdir()
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old / final.name, final)  # the earlier output stays as it was
+            if replace or not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def check_output_path(
     path: str | os.PathLike, source: str | os.PathLike | None = None, model: onnx.ModelProto | None = None
 ) -> None:
@@ -645,9 +687,7 @@ def check_output_path(
                      for e in t.external_data if e.key == "location"} if model is not None else set()
         if data == src or any(data == (src.parent / f).resolve() for f in locations):
             raise OnnxqError(f"output {path} would overwrite the input model's external data: choose another name")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = existing_parent(path)
     if not folder.is_dir():
         raise OnnxqError(f"cannot write {path}: {folder} is not a folder: choose a path inside a folder")
     if folder == path.parent:

@@ -4,14 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from onnxq.errors import OnnxqError
+from onnxq.graph.io import atomic_dir
 
 from .registry import REGISTRY, cache_dir, get, gguf_path
 
@@ -22,25 +20,6 @@ if TYPE_CHECKING:
 def _offline() -> None:
     """Never reach a hub: every load below is from local files."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-@contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `final`; it becomes `final` only if the body completes."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
-    try:
-        yield tmp
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():  # else a concurrent run finished the same folder first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hf_folder(name: str) -> Path:
@@ -54,7 +33,7 @@ def hf_folder(name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
                                                      local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -154,7 +133,7 @@ def export_onnx(source: str | Path, out_dir: str | Path | None = None, *, with_p
     from optimum.exporters.onnx import main_export
 
     task = "text-generation-with-past" if with_past else "text-generation"
-    with _atomic_dir(out) as tmp, warnings.catch_warnings():
+    with atomic_dir(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch tracer chatter about shapes; the result is checked by perplexity
         try:
             main_export(str(folder), output=tmp, task=task, local_files_only=True, do_validation=False)
