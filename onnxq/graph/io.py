@@ -667,7 +667,7 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
+        if old is not None and final.is_dir():  # else the earlier output stays in `old` rather than being lost
             shutil.rmtree(old, ignore_errors=True)
 
 
