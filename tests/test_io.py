@@ -315,3 +315,19 @@ def test_an_output_folder_replaces_the_earlier_one_and_a_cache_keeps_it(tmp_path
         (tmp / "model.onnx").write_text("new")
     assert (tmp_path / "empty-then-new" / "model.onnx").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["False", "True", "empty-then-new"]  # no temp folder left
+
+
+def test_an_output_whose_final_rename_fails_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    earlier = _folder(tmp_path / "out", "earlier")
+    real = os.replace
+
+    def failing(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("disk gone")
+        real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"), io.atomic_dir(earlier, replace=True) as tmp:
+        (tmp / "model.onnx").write_text("new")
+    assert (earlier / "model.onnx").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
