@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from onnxq.errors import OnnxqError
-from onnxq.graph.io import atomic_dir
+from onnxq.graph.io import atomic_dir, write_text_atomic
 
 from .registry import REGISTRY, cache_dir, get, gguf_path
 
@@ -85,10 +85,8 @@ def _with_content(token: str | dict | None, text: str) -> str | dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write `data` as JSON to `path` through a temp file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `data` as JSON to `path` atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _registry_cache(folder: Path) -> bool:
